@@ -1,0 +1,253 @@
+//! The VM configuration accepted by `grove-vmm run --config vm.json` (and built from the
+//! command-line flags). Separate from runtime objects; checked in one [`VmConfig::validate`].
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::vstate::cpuid::CpuTemplate;
+
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u8 = 32;
+/// Smallest guest memory: room for the boot structures and a kernel loaded at 16 MiB.
+pub const MIN_MEMORY_MIB: u64 = 32;
+/// Virtio-blk serial numbers are at most 20 bytes.
+pub const MAX_DISK_ID_LEN: usize = 20;
+/// The base command line used when the configuration gives none.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 quiet";
+
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_memory_mib() -> u64 {
+    128
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A virtio block device backed by a raw file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Serial number returned to the guest (VIRTIO_BLK_T_GET_ID); defaults to `diskN`.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// A whole VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// ELF vmlinux (PVH or 64-bit entry) or bzImage.
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Replaces [`DEFAULT_CMDLINE`]; the VMM still appends root and device arguments.
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// The root filesystem: attached first (`/dev/vda`) with `root=/dev/vda` on the command line.
+    #[serde(default)]
+    pub rootfs: Option<DiskConfig>,
+    /// More disks, `/dev/vdb` onwards in order.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// Where the guest console goes; standard output when absent.
+    #[serde(default)]
+    pub serial: Option<PathBuf>,
+    #[serde(default)]
+    pub cpu_template: CpuTemplate,
+    /// Attach a virtio-rng device (entropy from the host).
+    #[serde(default = "default_true")]
+    pub rng: bool,
+}
+
+/// A configuration that cannot describe a VM.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("invalid config file {path}: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    VcpuCount(u8),
+    #[error("memory must be at least {MIN_MEMORY_MIB} MiB, got {0} MiB")]
+    MemoryTooSmall(u64),
+    #[error("memory of {requested} MiB is more than this host has ({host} MiB)")]
+    MemoryTooLarge { requested: u64, host: u64 },
+    #[error("the kernel path is empty")]
+    NoKernel,
+    #[error("disk {0} is attached twice")]
+    DuplicateDisk(String),
+    #[error("disk id {0:?} is longer than {MAX_DISK_ID_LEN} bytes")]
+    DiskIdTooLong(String),
+    #[error("disk path is empty")]
+    EmptyDiskPath,
+    #[error("the command line contains a NUL byte")]
+    CmdlineNul,
+}
+
+impl VmConfig {
+    /// A minimal configuration booting `kernel` with the defaults.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: None,
+            vcpus: default_vcpus(),
+            memory_mib: default_memory_mib(),
+            rootfs: None,
+            disks: Vec::new(),
+            serial: None,
+            cpu_template: CpuTemplate::default(),
+            rng: true,
+        }
+    }
+
+    /// Reads and parses a JSON configuration file (unknown fields are errors).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let display = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: display.clone(),
+            reason: e.to_string(),
+        })?;
+        serde_json::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: display,
+            reason: e.to_string(),
+        })
+    }
+
+    /// All disks in attachment order: the root filesystem first.
+    pub fn all_disks(&self) -> impl Iterator<Item = &DiskConfig> {
+        self.rootfs.iter().chain(self.disks.iter())
+    }
+
+    /// Checks everything that can be checked without touching the host's files or KVM.
+    /// `host_memory_mib` is the host's physical memory, when known.
+    pub fn validate(&self, host_memory_mib: Option<u64>) -> Result<(), ConfigError> {
+        if self.kernel.as_os_str().is_empty() {
+            return Err(ConfigError::NoKernel);
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::VcpuCount(self.vcpus));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.memory_mib));
+        }
+        if let Some(host) = host_memory_mib {
+            if self.memory_mib > host {
+                return Err(ConfigError::MemoryTooLarge {
+                    requested: self.memory_mib,
+                    host,
+                });
+            }
+        }
+        if self.cmdline.as_deref().is_some_and(|c| c.contains('\0')) {
+            return Err(ConfigError::CmdlineNul);
+        }
+        let mut seen = HashSet::new();
+        for disk in self.all_disks() {
+            if disk.path.as_os_str().is_empty() {
+                return Err(ConfigError::EmptyDiskPath);
+            }
+            // Two devices on one file would corrupt it; compare canonical paths where possible.
+            let key = std::fs::canonicalize(&disk.path).unwrap_or_else(|_| disk.path.clone());
+            if !seen.insert(key) {
+                return Err(ConfigError::DuplicateDisk(disk.path.display().to_string()));
+            }
+            if let Some(id) = &disk.id {
+                if id.len() > MAX_DISK_ID_LEN {
+                    return Err(ConfigError::DiskIdTooLong(id.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Physical memory of this host in MiB, from /proc/meminfo.
+pub fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> VmConfig {
+        let mut c = VmConfig::new("/k");
+        c.rootfs = Some(DiskConfig {
+            path: "/r".into(),
+            read_only: false,
+            id: None,
+        });
+        c
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        valid().validate(Some(1024)).unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_vcpus_memory_and_disks() {
+        let mut c = valid();
+        c.vcpus = 0;
+        assert_eq!(c.validate(None), Err(ConfigError::VcpuCount(0)));
+        c.vcpus = 33;
+        assert_eq!(c.validate(None), Err(ConfigError::VcpuCount(33)));
+        let mut c = valid();
+        c.memory_mib = 8;
+        assert_eq!(c.validate(None), Err(ConfigError::MemoryTooSmall(8)));
+        c.memory_mib = 4096;
+        assert!(matches!(c.validate(Some(2048)), Err(ConfigError::MemoryTooLarge { .. })));
+        let mut c = valid();
+        c.disks.push(DiskConfig {
+            path: "/r".into(),
+            read_only: true,
+            id: None,
+        });
+        assert!(matches!(c.validate(None), Err(ConfigError::DuplicateDisk(_))));
+        let mut c = valid();
+        c.disks.push(DiskConfig {
+            path: "/d".into(),
+            read_only: true,
+            id: Some("x".repeat(21)),
+        });
+        assert!(matches!(c.validate(None), Err(ConfigError::DiskIdTooLong(_))));
+        let mut c = valid();
+        c.kernel = PathBuf::new();
+        assert_eq!(c.validate(None), Err(ConfigError::NoKernel));
+    }
+
+    #[test]
+    fn json_rejects_unknown_fields_and_fills_defaults() {
+        let c: VmConfig = serde_json::from_str(r#"{"kernel":"/k","rootfs":{"path":"/r"}}"#).unwrap();
+        assert_eq!((c.vcpus, c.memory_mib, c.rng), (1, 128, true));
+        assert_eq!(c.cpu_template, CpuTemplate::Host);
+        let err = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","vcpu":2}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `vcpu`"), "{err}");
+        let err = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","disks":[{"path":"/d","ro":true}]}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("unknown field `ro`"), "{err}");
+        let c: VmConfig = serde_json::from_str(r#"{"kernel":"/k","cpu_template":"x86-64-v2"}"#).unwrap();
+        assert_eq!(c.cpu_template, CpuTemplate::X86_64V2);
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let err = VmConfig::from_file(Path::new("/nonexistent/vm.json")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vm.json"));
+    }
+}

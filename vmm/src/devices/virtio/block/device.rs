@@ -1,0 +1,217 @@
+//! The virtio-blk device: disk image, features, configuration space and event-loop wiring.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use log::debug;
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::handler::{Disk, ID_LEN};
+use super::{QUEUE_SIZE, SECTOR_SIZE, SEG_MAX};
+use crate::devices::virtio::device_state::{read_config_bytes, DeviceState, Wakeup};
+use crate::devices::virtio::{
+    ActivateContext, ActivateError, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+
+/// Bytes of `struct virtio_blk_config` the device fills: capacity (u64 at 0), size_max (u32
+/// at 8, unused) and seg_max (u32 at 12). Later fields read as zero.
+const CONFIG_LEN: usize = 16;
+
+/// How to build a block device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Raw disk image: a regular file or a host block device.
+    pub path: PathBuf,
+    /// Open the image read-only and offer VIRTIO_BLK_F_RO; guest writes fail with IOERR.
+    pub read_only: bool,
+    /// Serial number the guest reads with GET_ID (at most 20 bytes).
+    pub id: String,
+}
+
+/// Errors building a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open disk image {}", .path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot determine the size of disk image {}", .path.display())]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "disk image {} is {size} bytes, which is not a whole number of 512-byte sectors",
+        .path.display()
+    )]
+    UnalignedSize { path: PathBuf, size: u64 },
+    #[error("block device id {id:?} is {} bytes long; virtio-blk allows at most 20", .id.len())]
+    IdTooLong { id: String },
+    #[error("cannot create the device eventfds")]
+    EventFd(#[source] io::Error),
+}
+
+/// A virtio-blk device with one request queue, served on the event-loop thread.
+pub struct Block {
+    state: DeviceState,
+    disk: Disk,
+    path: PathBuf,
+    config: [u8; CONFIG_LEN],
+}
+
+impl Block {
+    /// Opens the disk image. Its size must be a multiple of 512 bytes: a partial last sector
+    /// could be neither read nor written by the guest.
+    pub fn new(cfg: BlockConfig) -> Result<Self, BlockError> {
+        let BlockConfig {
+            path,
+            read_only,
+            id,
+        } = cfg;
+        if id.len() > ID_LEN {
+            return Err(BlockError::IdTooLong { id });
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(&path)
+            .map_err(|source| BlockError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let size = disk_size(&mut file).map_err(|source| BlockError::Size {
+            path: path.clone(),
+            source,
+        })?;
+        if size % SECTOR_SIZE != 0 {
+            return Err(BlockError::UnalignedSize { path, size });
+        }
+        let capacity = size / SECTOR_SIZE;
+
+        let mut features = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_SEG_MAX);
+        if read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        let mut config = [0u8; CONFIG_LEN];
+        config[0..8].copy_from_slice(&capacity.to_le_bytes());
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+
+        Ok(Self {
+            state: DeviceState::new(features, &[QUEUE_SIZE]).map_err(BlockError::EventFd)?,
+            disk: Disk::new(file, read_only, capacity, id.as_bytes()),
+            path,
+            config,
+        })
+    }
+
+    /// Disk size in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk.capacity()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.disk.read_only()
+    }
+
+    /// Makes every write the guest completed durable; the VMM calls it before snapshots.
+    pub fn flush(&self) -> io::Result<()> {
+        self.disk.flush()
+    }
+
+    /// The eventfd the event loop watches for activation and reset.
+    pub fn activate_event(&self) -> &EventFd {
+        self.state.activate_event()
+    }
+
+    fn process_queue(&mut self) {
+        let disk = &mut self.disk;
+        self.state
+            .process_queue(0, |mem, chain| disk.process_chain(mem, chain));
+    }
+}
+
+/// Size of a regular file or block device (metadata reports 0 for the latter).
+fn disk_size(file: &mut File) -> io::Result<u64> {
+    let size = file.seek(SeekFrom::End(0))?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(size)
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.state.queue_max_sizes()
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        self.state.queue_events()
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.state.avail_features()
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.state.acked_features()
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.state.set_acked_features(features);
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // No writable field is offered (VIRTIO_BLK_F_CONFIG_WCE is not negotiated).
+        debug!(
+            "virtio-blk: ignored {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.state.activate(ctx)
+    }
+
+    fn is_activated(&self) -> bool {
+        self.state.is_activated()
+    }
+
+    fn reset(&mut self) {
+        self.state.reset();
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.state.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match self.state.handle_event(&events, ops) {
+            Wakeup::Nothing => {}
+            Wakeup::AllQueues | Wakeup::Queue(_) => self.process_queue(),
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! The device-type-independent half of a virtio device: feature bits, queue eventfds, the
+//! activation hand-off from the vCPU thread to the event loop, and queue draining.
+//!
+//! Activation happens on a vCPU thread (the transport calls `VirtioDevice::activate` when the
+//! driver writes DRIVER_OK), but the queue eventfds must be added to the event loop's epoll set,
+//! which only the event-loop thread can do through its `EventOps`. [`DeviceState`] therefore
+//! stores the queues and writes `activate_evt`; when the event loop sees it, it (un)registers
+//! the queue eventfds so that the watch list always matches the activation state. A reset goes
+//! through the same eventfd, so queue events left over from a previous activation are removed
+//! instead of being processed against queues that no longer exist.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events};
+use log::{debug, warn};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActivateContext, ActivateError, IrqTrigger, INT_VRING, VIRTIO_RING_F_EVENT_IDX};
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// Descriptor chains processed per wake-up before the queue yields the event loop to other
+/// devices. A driver that keeps refilling its queue cannot starve everything else: the device
+/// re-signals its own queue eventfd and resumes on the next event-loop iteration.
+pub const MAX_CHAINS_PER_WAKEUP: usize = 1024;
+
+/// A guest descriptor chain over the VMM's guest memory.
+pub type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
+
+/// What an activated device owns: its guest memory, its queues and its interrupt line.
+pub struct Activated {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub interrupt: Arc<IrqTrigger>,
+}
+
+/// What the event loop should do after [`DeviceState::handle_event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wakeup {
+    /// Nothing to process (stale or spurious event).
+    Nothing,
+    /// The device was just activated: process every queue, requests may already be pending.
+    AllQueues,
+    /// The driver notified this queue.
+    Queue(usize),
+}
+
+/// Features, queue eventfds and activation state shared by every virtio device type.
+pub struct DeviceState {
+    avail_features: u64,
+    acked_features: u64,
+    queue_max_sizes: Vec<u16>,
+    queue_evts: Vec<EventFd>,
+    activate_evt: EventFd,
+    active: Option<Activated>,
+    /// Whether the queue eventfds are currently in the event loop's watch list.
+    queues_registered: bool,
+}
+
+impl DeviceState {
+    /// A device offering `avail_features`, with one queue per entry of `queue_max_sizes`.
+    pub fn new(avail_features: u64, queue_max_sizes: &[u16]) -> io::Result<Self> {
+        let queue_evts = queue_max_sizes
+            .iter()
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Self {
+            avail_features,
+            acked_features: 0,
+            queue_max_sizes: queue_max_sizes.to_vec(),
+            queue_evts,
+            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            active: None,
+            queues_registered: false,
+        })
+    }
+
+    pub fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Records the driver's features, dropping any bit that was never offered.
+    pub fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    pub fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// The eventfd the event loop watches for activation and reset.
+    pub fn activate_event(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    pub fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Stores the queues and wakes the event loop. Runs on a vCPU thread: never blocks.
+    pub fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if ctx.queues.len() != self.queue_max_sizes.len() {
+            return Err(ActivateError::QueueCount {
+                expected: self.queue_max_sizes.len(),
+                got: ctx.queues.len(),
+            });
+        }
+        let ActivateContext {
+            mem,
+            mut queues,
+            interrupt,
+        } = ctx;
+        // Notification suppression is a ring feature: every queue follows the negotiation.
+        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        for queue in &mut queues {
+            queue.set_event_idx(event_idx);
+        }
+        self.activate_evt.write(1).map_err(ActivateError::Signal)?;
+        self.active = Some(Activated {
+            mem,
+            queues,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    /// Drops the queues and the negotiated features; the event loop unregisters the queue
+    /// eventfds when it sees `activate_evt`.
+    pub fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        if let Err(e) = self.activate_evt.write(1) {
+            // The stale queue events are still harmless: handle_event ignores them.
+            warn!("virtio device reset: cannot signal the event loop: {e}");
+        }
+    }
+
+    /// Processes the available chains of queue `index`, if the device is active: `handle`
+    /// serves one chain and returns the number of bytes it wrote into guest memory (the used
+    /// length). Raises INT_VRING when the driver asked to be notified.
+    ///
+    /// At most [`MAX_CHAINS_PER_WAKEUP`] chains are served per call; the queue then re-signals
+    /// its own eventfd. A ring the device cannot trust (available index more than a queue size
+    /// ahead) disables the queue until the driver resets the device, instead of being retried
+    /// on every notification.
+    pub fn process_queue<F>(&mut self, index: usize, handle: F)
+    where
+        F: FnMut(&GuestMemoryMmap, Chain<'_>) -> u32,
+    {
+        let Self {
+            active, queue_evts, ..
+        } = self;
+        if let (Some(active), Some(kick)) = (active.as_mut(), queue_evts.get(index)) {
+            drain_queue(active, index, kick, handle);
+        }
+    }
+
+    /// `MutEventSubscriber::init`: watch the activation eventfd.
+    pub fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
+            warn!("virtio device: cannot register the activation eventfd: {e}");
+        }
+    }
+
+    /// `MutEventSubscriber::process`: consumes the eventfd that fired, keeps the watch list in
+    /// step with the activation state and says which queues need processing.
+    pub fn handle_event(&mut self, events: &Events, ops: &mut EventOps) -> Wakeup {
+        let fd = events.fd();
+        if fd == self.activate_evt.as_raw_fd() {
+            // EAGAIN only means another wake-up already consumed the count.
+            let _ = self.activate_evt.read();
+            self.sync_registration(ops);
+            return if self.active.is_some() {
+                Wakeup::AllQueues
+            } else {
+                Wakeup::Nothing
+            };
+        }
+        let Some(index) = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) else {
+            debug!("virtio device: event on unknown fd {fd}");
+            return Wakeup::Nothing;
+        };
+        // Read even when inactive: the eventfd is level-triggered in epoll.
+        let _ = self.queue_evts[index].read();
+        if self.active.is_some() {
+            Wakeup::Queue(index)
+        } else {
+            // A notification that raced with a reset: drop the stale registration.
+            self.sync_registration(ops);
+            Wakeup::Nothing
+        }
+    }
+
+    fn sync_registration(&mut self, ops: &mut EventOps) {
+        let want = self.active.is_some();
+        if want == self.queues_registered {
+            return;
+        }
+        for evt in &self.queue_evts {
+            let result = if want {
+                ops.add(Events::new(evt, EventSet::IN))
+            } else {
+                ops.remove(Events::new(evt, EventSet::IN))
+            };
+            if let Err(e) = result {
+                warn!("virtio device: cannot update the queue eventfd registration: {e}");
+            }
+        }
+        self.queues_registered = want;
+    }
+}
+
+/// Drains queue `index` of an activated device; see [`DeviceState::process_queue`].
+fn drain_queue<F>(active: &mut Activated, index: usize, kick: &EventFd, mut handle: F)
+where
+    F: FnMut(&GuestMemoryMmap, Chain<'_>) -> u32,
+{
+    let Activated {
+        mem,
+        queues,
+        interrupt,
+    } = active;
+    let Some(queue) = queues.get_mut(index) else {
+        return;
+    };
+    if !queue.ready() {
+        return;
+    }
+    let mem: &GuestMemoryMmap = mem;
+    let mut budget = MAX_CHAINS_PER_WAKEUP;
+    let mut used_any = false;
+    'ring: loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            debug!("virtio queue {index}: cannot disable notifications: {e}");
+        }
+        loop {
+            if budget == 0 {
+                // Notifications stay disabled: our own kick brings us back.
+                if let Err(e) = kick.write(1) {
+                    warn!("virtio queue {index}: cannot re-signal the queue: {e}");
+                }
+                break 'ring;
+            }
+            let chain = match queue.iter(mem) {
+                Ok(mut iter) => iter.next(),
+                Err(e) => {
+                    warn!("virtio queue {index}: unusable ring ({e}); disabled until reset");
+                    queue.set_ready(false);
+                    break 'ring;
+                }
+            };
+            let Some(chain) = chain else { break };
+            budget -= 1;
+            let head = chain.head_index();
+            let len = handle(mem, chain);
+            match queue.add_used(mem, head, len) {
+                Ok(()) => used_any = true,
+                Err(e) => debug!("virtio queue {index}: cannot return chain {head}: {e}"),
+            }
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                debug!("virtio queue {index}: cannot enable notifications: {e}");
+                break;
+            }
+        }
+    }
+    if used_any {
+        // If the driver's used_event cannot be read, notifying is the safe default.
+        let notify = queue.needs_notification(mem).unwrap_or(true);
+        if notify {
+            if let Err(e) = interrupt.trigger(INT_VRING) {
+                warn!("virtio queue {index}: cannot inject the interrupt: {e}");
+            }
+        }
+    }
+}
+
+/// Copies the bytes of `config` at `offset` into `data`; bytes past the end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_past_the_end_are_zero() {
+        let cfg = [1u8, 2, 3, 4];
+        let mut d = [0xffu8; 4];
+        read_config_bytes(&cfg, 2, &mut d);
+        assert_eq!(d, [3, 4, 0, 0]);
+        read_config_bytes(&cfg, u64::MAX, &mut d);
+        assert_eq!(d, [0; 4]);
+    }
+
+    #[test]
+    fn corrupt_ring_disables_the_queue_without_panicking() {
+        use crate::devices::virtio::test_utils::{activate_ctx, desc, guest_mem, Driver};
+        use vm_memory::{Bytes, GuestAddress};
+
+        let mem = guest_mem();
+        let mut drv = Driver::new(&mem, 16);
+        drv.add_chain(&[desc(0x1_0000, 16, true)]);
+        let mut s = DeviceState::new(0, &[16]).unwrap();
+        let (ctx, irq) = activate_ctx(&mem, drv.queue());
+        s.activate(ctx).unwrap();
+        // avail.idx 100 entries ahead of a 16-entry ring.
+        mem.write_obj(100u16, GuestAddress(drv.vq.avail_addr().0 + 2))
+            .unwrap();
+        let mut served = 0;
+        s.process_queue(0, |_, _| {
+            served += 1;
+            0
+        });
+        assert_eq!(served, 0);
+        assert_eq!(irq.status(), 0);
+        // Disabled until reset: a fixed ring is not looked at again.
+        mem.write_obj(1u16, GuestAddress(drv.vq.avail_addr().0 + 2))
+            .unwrap();
+        s.process_queue(0, |_, _| {
+            served += 1;
+            0
+        });
+        assert_eq!(served, 0);
+        s.process_queue(7, |_, _| unreachable!("no such queue"));
+    }
+
+    #[test]
+    fn acked_features_are_masked() {
+        let mut s = DeviceState::new(0b1010, &[16]).unwrap();
+        s.set_acked_features(0b1111);
+        assert_eq!(s.acked_features(), 0b1010);
+        assert_eq!(s.queue_events().len(), 1);
+    }
+}

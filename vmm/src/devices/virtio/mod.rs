@@ -1,0 +1,145 @@
+//! Virtio devices behind the in-tree virtio-MMIO transport.
+//!
+//! The transport ([`mmio::MmioTransport`]) knows no device types: it speaks the virtio-MMIO
+//! register protocol and hands queues to a [`VirtioDevice`] when the driver sets DRIVER_OK.
+//! Each device owns one `EventFd` per queue; the device manager registers them as KVM
+//! ioeventfds on the QueueNotify register, so a guest notification wakes the event loop
+//! without a userspace exit. Devices process their queues on the event-loop thread.
+//!
+//! Every device lives in a folder of the same shape: `device.rs` (the `VirtioDevice` and
+//! event-loop side), `handler.rs` or `io.rs` (request processing, testable without KVM).
+
+pub mod block;
+pub mod device_state;
+pub mod mmio;
+pub mod rng;
+#[cfg(test)]
+mod test_utils;
+
+pub use block::{Block, BlockConfig, BlockError};
+pub use mmio::{MmioError, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
+pub use rng::{Rng, RngError};
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// Virtio device type ids (virtio spec 1.2, section 5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
+
+/// Feature bit: the device complies with virtio 1.0+ (required for the modern MMIO layout).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Feature bit: the driver and device use the `used_event` / `avail_event` ring fields to
+/// suppress notifications (virtio spec 1.2, section 2.7.10).
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Interrupt status bit: a used buffer was added to a queue.
+pub const INT_VRING: u32 = 0x1;
+/// Interrupt status bit: the configuration space changed.
+pub const INT_CONFIG: u32 = 0x2;
+
+/// Device status bits (virtio spec 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+}
+
+/// The interrupt line of one virtio-MMIO device: the InterruptStatus register shared by the
+/// transport (which reads and acknowledges it) and the device (which raises it), plus the
+/// eventfd registered with KVM as an irqfd for the device's GSI.
+#[derive(Debug)]
+pub struct IrqTrigger {
+    status: AtomicU32,
+    evt: EventFd,
+}
+
+impl IrqTrigger {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            status: AtomicU32::new(0),
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// The eventfd to register as a KVM irqfd.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    /// Sets `bits` (INT_VRING / INT_CONFIG) in InterruptStatus and injects the interrupt.
+    pub fn trigger(&self, bits: u32) -> std::io::Result<()> {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.evt.write(1)
+    }
+
+    /// Current InterruptStatus.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears the acknowledged bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears all status bits (device reset).
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// What a device receives when the driver sets DRIVER_OK.
+pub struct ActivateContext {
+    pub mem: GuestMemoryMmap,
+    /// One queue per entry of `queue_max_sizes()`, configured and validated by the transport.
+    pub queues: Vec<Queue>,
+    pub interrupt: Arc<IrqTrigger>,
+}
+
+/// Errors activating a device.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("cannot signal the event loop")]
+    Signal(#[source] std::io::Error),
+    #[error("device is already active")]
+    AlreadyActive,
+}
+
+/// A virtio device type (block, rng, ...), independent of the transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device type id (`TYPE_*`).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each of the device's queues; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// One eventfd per queue, signalled when the driver notifies that queue.
+    fn queue_events(&self) -> &[EventFd];
+    /// Features offered to the driver (always including `VIRTIO_F_VERSION_1`).
+    fn avail_features(&self) -> u64;
+    /// Features the driver accepted (a subset of `avail_features`).
+    fn acked_features(&self) -> u64;
+    /// Records the driver's accepted features; the transport has already masked them.
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads the device-specific configuration space; out-of-range bytes read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space; ignored where read-only.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with its queues. Called on the vCPU thread that wrote DRIVER_OK:
+    /// must not block; heavy work belongs on the event loop.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Whether `activate` succeeded and no reset happened since.
+    fn is_activated(&self) -> bool;
+    /// Returns to the pre-activation state (the driver wrote 0 to Status).
+    fn reset(&mut self);
+}

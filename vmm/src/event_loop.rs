@@ -1,0 +1,113 @@
+//! The VMM's single event-loop thread: device queues, console input, and later the control
+//! socket, all multiplexed on one epoll through `event-manager`. One thread for all device
+//! I/O keeps pausing simple: stop this thread's work and no device touches guest memory.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device_manager::Subscriber;
+
+/// Errors starting the event loop.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLoopError {
+    #[error("cannot create the event loop")]
+    Create(#[source] event_manager::Error),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot start the event-loop thread")]
+    Spawn(#[source] std::io::Error),
+    #[error("the event-loop thread ended during start-up")]
+    Died,
+}
+
+/// Ends the loop when its eventfd is written.
+struct Stopper {
+    evt: Arc<EventFd>,
+    stop: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for Stopper {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.evt.as_ref(), EventSet::IN)) {
+            log::error!("cannot watch the event-loop stop eventfd: {e:?}");
+        }
+    }
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.evt.as_raw_fd() {
+            let _ = self.evt.read();
+            self.stop.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A running event-loop thread.
+pub struct EventLoop {
+    thread: Option<JoinHandle<()>>,
+    stop_evt: Arc<EventFd>,
+}
+
+impl EventLoop {
+    /// Starts the thread with `subscribers` registered (their `init` runs on that thread).
+    pub fn start(subscribers: Vec<Subscriber>) -> Result<Self, EventLoopError> {
+        let stop_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::EventFd)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopper: Subscriber = Arc::new(Mutex::new(Stopper {
+            evt: stop_evt.clone(),
+            stop: stop.clone(),
+        }));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("event-loop".into())
+            .spawn(move || {
+                let mut manager = match EventManager::<Subscriber>::new() {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(EventLoopError::Create(e)));
+                        return;
+                    }
+                };
+                manager.add_subscriber(stopper);
+                for s in subscribers {
+                    manager.add_subscriber(s);
+                }
+                let _ = ready_tx.send(Ok(()));
+                while !stop.load(Ordering::SeqCst) {
+                    if let Err(e) = manager.run() {
+                        log::error!("event loop failed: {e:?}");
+                        break;
+                    }
+                }
+            })
+            .map_err(EventLoopError::Spawn)?;
+        ready_rx.recv().map_err(|_| EventLoopError::Died)??;
+        Ok(Self {
+            thread: Some(thread),
+            stop_evt,
+        })
+    }
+
+    /// Stops the loop and joins its thread.
+    pub fn stop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            if let Err(e) = self.stop_evt.write(1) {
+                log::error!("cannot stop the event loop: {e}");
+                return;
+            }
+            if thread.join().is_err() {
+                log::error!("event-loop thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for EventLoop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

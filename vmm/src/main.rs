@@ -1,0 +1,202 @@
+//! `grove-vmm` command line: `run` a VM from flags or a JSON config until the guest resets.
+//!
+//! Exit codes: 0 the guest reset or powered off; 1 the VM failed while running; 2 the VM
+//! could not be started (bad input, missing kernel, no KVM, ...), with a one-line error.
+
+use std::fs::OpenOptions;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use vmm::vstate::cpuid::CpuTemplate;
+use vmm::{ConsoleIo, DiskConfig, VmConfig};
+use vmm_sys_util::terminal::Terminal;
+
+#[derive(Parser)]
+#[command(name = "grove-vmm", version, about = "Grove's KVM micro-VM monitor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM and run it until the guest resets or powers off.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// JSON VM configuration (see docs/vm-config.md); excludes the VM flags below.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "rootfs", "initrd", "vcpus", "memory", "cmdline", "disk", "cpu_template", "no_rng"])]
+    config: Option<PathBuf>,
+    /// Guest kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage.
+    #[arg(long, value_name = "FILE", required_unless_present = "config")]
+    kernel: Option<PathBuf>,
+    /// Root filesystem image, attached as /dev/vda: PATH or PATH,ro.
+    #[arg(long, value_name = "PATH[,ro]")]
+    rootfs: Option<String>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// Number of vCPUs (1-32) [default: 1].
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u8>,
+    /// Guest memory in MiB [default: 128].
+    #[arg(long, value_name = "MiB")]
+    memory: Option<u64>,
+    /// Kernel command line replacing the default base ("console=ttyS0 reboot=k panic=1 quiet");
+    /// root and device arguments are still appended.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    cmdline: Option<String>,
+    /// Extra disk (repeatable), /dev/vdb onwards: PATH or PATH,ro.
+    #[arg(long, value_name = "PATH[,ro]")]
+    disk: Vec<String>,
+    /// Write the guest console to this file instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    serial: Option<PathBuf>,
+    /// CPU template: host or x86-64-v2 [default: host].
+    #[arg(long, value_name = "NAME")]
+    cpu_template: Option<CpuTemplate>,
+    /// Do not attach a virtio-rng device.
+    #[arg(long)]
+    no_rng: bool,
+}
+
+fn parse_disk(spec: &str) -> anyhow::Result<DiskConfig> {
+    let (path, read_only) = match spec.rsplit_once(',') {
+        Some((p, "ro")) => (p, true),
+        Some((p, "rw")) => (p, false),
+        Some((_, opt)) => bail!("unknown disk option {opt:?} in {spec:?} (expected ro or rw)"),
+        None => (spec, false),
+    };
+    Ok(DiskConfig {
+        path: path.into(),
+        read_only,
+        id: None,
+    })
+}
+
+impl RunArgs {
+    fn into_config(self) -> anyhow::Result<VmConfig> {
+        let mut config = match (&self.config, &self.kernel) {
+            (Some(path), _) => VmConfig::from_file(path)?,
+            (None, Some(kernel)) => {
+                let mut c = VmConfig::new(kernel.clone());
+                c.rootfs = self.rootfs.as_deref().map(parse_disk).transpose()?;
+                c.initrd = self.initrd.clone();
+                c.vcpus = self.vcpus.unwrap_or(c.vcpus);
+                c.memory_mib = self.memory.unwrap_or(c.memory_mib);
+                c.cmdline = self.cmdline.clone();
+                c.disks = self.disk.iter().map(|d| parse_disk(d)).collect::<Result<_, _>>()?;
+                c.cpu_template = self.cpu_template.unwrap_or_default();
+                c.rng = !self.no_rng;
+                c
+            }
+            (None, None) => bail!("either --kernel or --config is required"),
+        };
+        if self.serial.is_some() {
+            config.serial = self.serial;
+        }
+        Ok(config)
+    }
+}
+
+fn console_io(config: &VmConfig) -> anyhow::Result<ConsoleIo> {
+    let output: Box<dyn Write + Send> = match &config.serial {
+        Some(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open serial output {}", path.display()))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+    Ok(ConsoleIo {
+        output,
+        input: Some(Box::new(std::io::stdin())),
+    })
+}
+
+/// Puts an interactive terminal in raw mode (keys, Ctrl-C included, go to the guest) and
+/// restores it when dropped.
+struct RawTerminal(bool);
+
+impl RawTerminal {
+    fn enable() -> Self {
+        let stdin = std::io::stdin();
+        if stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok() {
+            return Self(true);
+        }
+        Self(false)
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = std::io::stdin().lock().set_canon_mode();
+        }
+    }
+}
+
+fn init_logging() {
+    env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Info)
+        .parse_env(env_logger::Env::new().filter("GROVE_LOG"))
+        .format(|buf, record| writeln!(buf, "grove-vmm: {}: {}", record.level().as_str().to_lowercase(), record.args()))
+        .target(env_logger::Target::Stderr)
+        .init();
+}
+
+fn run(args: RunArgs, start: Instant) -> ExitCode {
+    let setup = args.into_config().and_then(|config| {
+        let console = console_io(&config)?;
+        let raw = RawTerminal::enable();
+        let vmm = vmm::build_and_start(&config, console, start)?;
+        Ok((vmm, raw))
+    });
+    let (vmm, raw) = match setup {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("grove-vmm: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let reason = vmm.wait();
+    drop(raw);
+    let code = reason.exit_code();
+    if code == 0 {
+        log::info!("VM exited: {reason}");
+    } else {
+        log::error!("VM exited: {reason}");
+    }
+    ExitCode::from(code as u8)
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    init_logging();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line naming the problem; clap's usage hint is noise for scripts.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("grove-vmm: {}", first.trim_start_matches("error: ").trim());
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Run(args) => run(args, start),
+    }
+}
