@@ -63,7 +63,11 @@ pub enum BuildError {
 
 /// Builds the VM described by `config` and starts it. `start` is when the VMM started, for
 /// the boot-time measurement.
-pub fn build_and_start(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Vmm, BuildError> {
+pub fn build_and_start(
+    config: &VmConfig,
+    console: ConsoleIo,
+    start: Instant,
+) -> Result<Vmm, BuildError> {
     config.validate(host_memory_mib())?;
     let kvm = KvmContext::open()?;
     kvm.check_vcpu_count(usize::from(config.vcpus))?;
@@ -78,7 +82,11 @@ pub fn build_and_start(config: &VmConfig, console: ConsoleIo, start: Instant) ->
     let memory = memory::create_anonymous(config.memory_mib << 20)?;
     let vm = Vm::new(&kvm, &memory)?;
     let kernel = boot::load_kernel(&memory, &config.kernel)?;
-    log::debug!("kernel entry {:#x} via {:?}", kernel.entry.0, kernel.protocol);
+    log::debug!(
+        "kernel entry {:#x} via {:?}",
+        kernel.entry.0,
+        kernel.protocol
+    );
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(&memory, path, kernel.kernel_end)?),
         None => None,
@@ -133,10 +141,17 @@ fn setup_devices(
 
 /// Base command line (the config's or the default), PVM extras, the root device, and one
 /// `virtio_mmio.device=` per device.
-fn build_cmdline(config: &VmConfig, devices: &DeviceManager, pvm: bool) -> Result<Cmdline, BuildError> {
+fn build_cmdline(
+    config: &VmConfig,
+    devices: &DeviceManager,
+    pvm: bool,
+) -> Result<Cmdline, BuildError> {
     let err = |e: linux_loader::cmdline::Error| BuildError::Cmdline(e.to_string());
     let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(err)?;
-    let base = config.cmdline.as_deref().unwrap_or(crate::config::DEFAULT_CMDLINE);
+    let base = config
+        .cmdline
+        .as_deref()
+        .unwrap_or(crate::config::DEFAULT_CMDLINE);
     if !base.trim().is_empty() {
         cmdline.insert_str(base.trim()).map_err(err)?;
     }
@@ -146,7 +161,9 @@ fn build_cmdline(config: &VmConfig, devices: &DeviceManager, pvm: bool) -> Resul
     if let Some(root) = &config.rootfs {
         if !base.split_whitespace().any(|w| w.starts_with("root=")) {
             let mode = if root.read_only { "ro" } else { "rw" };
-            cmdline.insert_str(format!("root=/dev/vda {mode}")).map_err(err)?;
+            cmdline
+                .insert_str(format!("root=/dev/vda {mode}"))
+                .map_err(err)?;
         }
     }
     for arg in devices.cmdline_args() {

@@ -211,21 +211,30 @@ mod tests {
         c.memory_mib = 8;
         assert_eq!(c.validate(None), Err(ConfigError::MemoryTooSmall(8)));
         c.memory_mib = 4096;
-        assert!(matches!(c.validate(Some(2048)), Err(ConfigError::MemoryTooLarge { .. })));
+        assert!(matches!(
+            c.validate(Some(2048)),
+            Err(ConfigError::MemoryTooLarge { .. })
+        ));
         let mut c = valid();
         c.disks.push(DiskConfig {
             path: "/r".into(),
             read_only: true,
             id: None,
         });
-        assert!(matches!(c.validate(None), Err(ConfigError::DuplicateDisk(_))));
+        assert!(matches!(
+            c.validate(None),
+            Err(ConfigError::DuplicateDisk(_))
+        ));
         let mut c = valid();
         c.disks.push(DiskConfig {
             path: "/d".into(),
             read_only: true,
             id: Some("x".repeat(21)),
         });
-        assert!(matches!(c.validate(None), Err(ConfigError::DiskIdTooLong(_))));
+        assert!(matches!(
+            c.validate(None),
+            Err(ConfigError::DiskIdTooLong(_))
+        ));
         let mut c = valid();
         c.kernel = PathBuf::new();
         assert_eq!(c.validate(None), Err(ConfigError::NoKernel));
@@ -233,15 +242,19 @@ mod tests {
 
     #[test]
     fn json_rejects_unknown_fields_and_fills_defaults() {
-        let c: VmConfig = serde_json::from_str(r#"{"kernel":"/k","rootfs":{"path":"/r"}}"#).unwrap();
+        let c: VmConfig =
+            serde_json::from_str(r#"{"kernel":"/k","rootfs":{"path":"/r"}}"#).unwrap();
         assert_eq!((c.vcpus, c.memory_mib, c.rng), (1, 128, true));
         assert_eq!(c.cpu_template, CpuTemplate::Host);
         let err = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","vcpu":2}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field `vcpu`"), "{err}");
-        let err = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","disks":[{"path":"/d","ro":true}]}"#)
-            .unwrap_err();
+        let err = serde_json::from_str::<VmConfig>(
+            r#"{"kernel":"/k","disks":[{"path":"/d","ro":true}]}"#,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("unknown field `ro`"), "{err}");
-        let c: VmConfig = serde_json::from_str(r#"{"kernel":"/k","cpu_template":"x86-64-v2"}"#).unwrap();
+        let c: VmConfig =
+            serde_json::from_str(r#"{"kernel":"/k","cpu_template":"x86-64-v2"}"#).unwrap();
         assert_eq!(c.cpu_template, CpuTemplate::X86_64V2);
     }
 

@@ -82,7 +82,8 @@ impl DeviceManager {
         vm.register_irqfd(&irq, layout::SERIAL_IRQ)?;
         let rx_space = Arc::new(eventfd()?);
         let serial = Arc::new(Mutex::new(SerialDevice::new(irq, output, rx_space.clone())));
-        self.pio.insert(serial.clone(), u64::from(layout::SERIAL_PORT), 8)?;
+        self.pio
+            .insert(serial.clone(), u64::from(layout::SERIAL_PORT), 8)?;
         if let Some(input) = input {
             let console = ConsoleInput::new(serial, input, rx_space);
             self.subscribers.push(Arc::new(Mutex::new(console)));
@@ -100,7 +101,8 @@ impl DeviceManager {
     /// The boot-complete port at 0x3f0.
     pub fn attach_boot_timer(&mut self, timer: Arc<BootTimer>) -> Result<(), DeviceError> {
         let dev = Arc::new(Mutex::new(BootCompletePort(timer)));
-        self.pio.insert(dev, u64::from(layout::BOOT_COMPLETE_PORT), 1)?;
+        self.pio
+            .insert(dev, u64::from(layout::BOOT_COMPLETE_PORT), 1)?;
         Ok(())
     }
 
@@ -132,12 +134,15 @@ impl DeviceManager {
         let transport = MmioTransport::new(vm.memory().clone(), device.clone())?;
         vm.register_irqfd(transport.interrupt().eventfd(), irq)?;
         {
-            let dev = device.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let dev = device
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             for (queue, evt) in dev.queue_events().iter().enumerate() {
                 vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, queue as u32)?;
             }
         }
-        self.mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
         self.subscribers.push(device);
         self.cmdline_args
             .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));

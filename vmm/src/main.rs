@@ -91,7 +91,11 @@ impl RunArgs {
                 c.vcpus = self.vcpus.unwrap_or(c.vcpus);
                 c.memory_mib = self.memory.unwrap_or(c.memory_mib);
                 c.cmdline = self.cmdline.clone();
-                c.disks = self.disk.iter().map(|d| parse_disk(d)).collect::<Result<_, _>>()?;
+                c.disks = self
+                    .disk
+                    .iter()
+                    .map(|d| parse_disk(d))
+                    .collect::<Result<_, _>>()?;
                 c.cpu_template = self.cpu_template.unwrap_or_default();
                 c.rng = !self.no_rng;
                 c
@@ -148,7 +152,14 @@ fn init_logging() {
     env_logger::Builder::new()
         .filter_level(log::LevelFilter::Info)
         .parse_env(env_logger::Env::new().filter("GROVE_LOG"))
-        .format(|buf, record| writeln!(buf, "grove-vmm: {}: {}", record.level().as_str().to_lowercase(), record.args()))
+        .format(|buf, record| {
+            writeln!(
+                buf,
+                "grove-vmm: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            )
+        })
         .target(env_logger::Target::Stderr)
         .init();
 }

@@ -40,7 +40,10 @@ fn require_kvm() {
 
 fn test_guest() -> PathBuf {
     let path = env!("GROVE_TEST_GUEST");
-    assert!(!path.is_empty(), "the test guest was not built (see the build warning of vmm)");
+    assert!(
+        !path.is_empty(),
+        "the test guest was not built (see the build warning of vmm)"
+    );
     PathBuf::from(path)
 }
 
@@ -122,7 +125,9 @@ fn port_and_mmio_dispatch() {
     // Nothing at port 0x80 or at 0xe0000000: all ones. A virtio-blk device at the first
     // virtio-MMIO window: magic "virt", device id 2.
     assert!(
-        out.contains("unclaimed-pio=ff unclaimed-mmio=ffffffff virtio-magic=74726976 virtio-device=00000002"),
+        out.contains(
+            "unclaimed-pio=ff unclaimed-mmio=ffffffff virtio-magic=74726976 virtio-device=00000002"
+        ),
         "{out}"
     );
 }
@@ -150,7 +155,10 @@ fn virtio_blk_read_write_flush_get_id() {
     assert_eq!(exit, VmExit::GuestReset, "{out}");
     assert!(out.contains("blk-init=00 capacity=00000040"), "{out}");
     // Read: status OK (00), 513 bytes used (512 data + status), the host's pattern.
-    assert!(out.contains("read1 status=00 used=0201 byte0=5a byte511=5a"), "{out}");
+    assert!(
+        out.contains("read1 status=00 used=0201 byte0=5a byte511=5a"),
+        "{out}"
+    );
     assert!(out.contains("write2 status=00 used=0001"), "{out}");
     assert!(out.contains("flush status=00 used=0001"), "{out}");
     assert!(out.contains("read2 status=00 used=0201 byte0=c3"), "{out}");
@@ -218,9 +226,17 @@ fn pause_stops_the_guest_and_resume_continues_it() {
         vmm.pause().unwrap();
         let paused_at = read_counter(&vmm);
         std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(read_counter(&vmm), paused_at, "no guest progress while paused");
+        assert_eq!(
+            read_counter(&vmm),
+            paused_at,
+            "no guest progress while paused"
+        );
         vmm.resume().unwrap();
-        assert_ne!(wait_for_counter_change(&vmm, paused_at), paused_at, "progress after resume");
+        assert_ne!(
+            wait_for_counter_change(&vmm, paused_at),
+            paused_at,
+            "progress after resume"
+        );
     }
     vmm.stop();
     assert_eq!(vmm.wait(), VmExit::Stopped);
@@ -243,7 +259,9 @@ fn pause_and_resume_with_several_vcpus() {
 fn triple_fault_is_an_error_exit() {
     let (exit, out) = run(&config("triple-fault"));
     match exit {
-        VmExit::VcpuError { index: 0, message } => assert!(message.contains("triple fault"), "{message}"),
+        VmExit::VcpuError { index: 0, message } => {
+            assert!(message.contains("triple fault"), "{message}")
+        }
         other => panic!("expected a vCPU error, got {other:?}; console: {out}"),
     }
     assert_eq!(

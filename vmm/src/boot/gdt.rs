@@ -63,7 +63,10 @@ mod tests {
     fn encodes_flat_code_segment() {
         assert_eq!(CODE64, 0x00af_9b00_0000_ffff);
         let s = kvm_segment_from_gdt(CODE64, 1);
-        assert_eq!((s.selector, s.l, s.db, s.g, s.s, s.type_), (8, 1, 0, 1, 1, 0xb));
+        assert_eq!(
+            (s.selector, s.l, s.db, s.g, s.s, s.type_),
+            (8, 1, 0, 1, 1, 0xb)
+        );
         assert_eq!(s.limit, 0xffff_ffff);
         assert_eq!(s.unusable, 0);
     }
@@ -71,7 +74,10 @@ mod tests {
     #[test]
     fn encodes_tss_and_data() {
         let t = kvm_segment_from_gdt(TSS32, 3);
-        assert_eq!((t.selector, t.type_, t.s, t.g, t.limit), (0x18, 0xb, 0, 0, 0x67));
+        assert_eq!(
+            (t.selector, t.type_, t.s, t.g, t.limit),
+            (0x18, 0xb, 0, 0, 0x67)
+        );
         let d = kvm_segment_from_gdt(DATA, 2);
         assert_eq!((d.type_, d.db, d.s, d.present), (3, 1, 1, 1));
         assert_eq!(kvm_segment_from_gdt(0, 0).unusable, 1);

@@ -257,8 +257,11 @@ fn write_gdt_idt(mem: &GuestMemoryMmap, protocol: BootProtocol) -> Result<(), Bo
 /// kernel's own page tables (and the test guest) can reach the virtio-MMIO devices.
 fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     let present_rw = 0x3;
-    mem.write_obj(layout::PDPTE_START | present_rw, GuestAddress(layout::PML4_START))
-        .map_err(BootError::Write)?;
+    mem.write_obj(
+        layout::PDPTE_START | present_rw,
+        GuestAddress(layout::PML4_START),
+    )
+    .map_err(BootError::Write)?;
     for gib in 0..layout::BOOT_PAGE_TABLE_GIB {
         let pd = layout::PDE_START + gib * 0x1000;
         mem.write_obj(pd | present_rw, GuestAddress(layout::PDPTE_START + gib * 8))
@@ -363,7 +366,10 @@ mod tests {
         let mem = create_anonymous(64 << 20).unwrap();
         assert_eq!(
             ram_map(&mem),
-            vec![(0, layout::EBDA_START), (layout::HIMEM_START, (64 << 20) - layout::HIMEM_START)]
+            vec![
+                (0, layout::EBDA_START),
+                (layout::HIMEM_START, (64 << 20) - layout::HIMEM_START)
+            ]
         );
     }
 
@@ -374,9 +380,15 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("not-a-kernel");
         std::fs::write(&p, vec![0x42u8; 8192]).unwrap();
-        assert!(matches!(load_kernel(&mem, &p), Err(BootError::NotAKernel { .. })));
+        assert!(matches!(
+            load_kernel(&mem, &p),
+            Err(BootError::NotAKernel { .. })
+        ));
         std::fs::write(&p, b"x").unwrap();
-        assert!(matches!(load_kernel(&mem, &p), Err(BootError::NotAKernel { .. })));
+        assert!(matches!(
+            load_kernel(&mem, &p),
+            Err(BootError::NotAKernel { .. })
+        ));
         assert!(matches!(
             load_kernel(&mem, &dir.join("missing")),
             Err(BootError::OpenKernel { .. })
@@ -395,7 +407,8 @@ mod tests {
         assert_eq!(r.address.0 % 4096, 0);
         assert!(r.address.0 + r.size <= 32 << 20);
         let mut b = [0u8; 1];
-        mem.read_slice(&mut b, GuestAddress(r.address.0 + 4999)).unwrap();
+        mem.read_slice(&mut b, GuestAddress(r.address.0 + 4999))
+            .unwrap();
         assert_eq!(b[0], 7);
         assert!(matches!(
             load_initrd(&mem, &p, 32 << 20),

@@ -76,7 +76,16 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     count += 1;
     for irq in 0..=layout::IRQ_MAX as u8 {
         // Conforming polarity and trigger (flags 0): ISA defaults, edge-triggered, active high.
-        entries.extend_from_slice(&[ENTRY_IOINT, INT_TYPE_INT, 0, 0, ISA_BUS_ID, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[
+            ENTRY_IOINT,
+            INT_TYPE_INT,
+            0,
+            0,
+            ISA_BUS_ID,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
         count += 1;
     }
     // LINT0 of every LAPIC is ExtINT (the PIC), LINT1 is NMI.
@@ -157,8 +166,14 @@ mod tests {
 
     #[test]
     fn rejects_zero_and_too_many_cpus() {
-        assert!(matches!(build(0, 0x9fc00), Err(MptableError::TooManyCpus(0))));
-        assert!(matches!(build(255, 0x9fc00), Err(MptableError::TooManyCpus(255))));
+        assert!(matches!(
+            build(0, 0x9fc00),
+            Err(MptableError::TooManyCpus(0))
+        ));
+        assert!(matches!(
+            build(255, 0x9fc00),
+            Err(MptableError::TooManyCpus(255))
+        ));
     }
 
     #[test]
@@ -166,7 +181,8 @@ mod tests {
         let mem = crate::vstate::memory::create_anonymous(1 << 20).unwrap();
         setup(&mem, 4).unwrap();
         let mut sig = [0u8; 4];
-        mem.read_slice(&mut sig, GuestAddress(layout::MPTABLE_START)).unwrap();
+        mem.read_slice(&mut sig, GuestAddress(layout::MPTABLE_START))
+            .unwrap();
         assert_eq!(&sig, b"_MP_");
     }
 }

@@ -162,7 +162,10 @@ mod tests {
         assert_eq!(s.cr3, layout::PML4_START);
         assert_eq!((s.cs.l, s.cs.selector), (1, 8));
         let r = boot_regs(BootProtocol::Linux64, 0x100_0000);
-        assert_eq!((r.rip, r.rsi, r.rflags), (0x100_0000, layout::ZERO_PAGE_START, 2));
+        assert_eq!(
+            (r.rip, r.rsi, r.rflags),
+            (0x100_0000, layout::ZERO_PAGE_START, 2)
+        );
     }
 
     #[test]
@@ -171,7 +174,10 @@ mod tests {
         assert_eq!(s.cr0, X86_CR0_PE | X86_CR0_ET);
         assert_eq!((s.efer, s.cr4), (0, 0));
         assert_eq!((s.cs.l, s.cs.db, s.cs.limit), (0, 1, 0xffff_ffff));
-        assert_eq!(boot_regs(BootProtocol::Pvh, 0x1234).rbx, layout::PVH_INFO_START);
+        assert_eq!(
+            boot_regs(BootProtocol::Pvh, 0x1234).rbx,
+            layout::PVH_INFO_START
+        );
     }
 
     #[test]

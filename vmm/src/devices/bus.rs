@@ -125,10 +125,22 @@ mod tests {
         let mut bus = Bus::new();
         let d = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(d.clone(), 0x1000, 0x100).unwrap();
-        assert!(matches!(bus.insert(d.clone(), 0x10ff, 1), Err(BusError::Overlap { .. })));
-        assert!(matches!(bus.insert(d.clone(), 0xf01, 0x100), Err(BusError::Overlap { .. })));
-        assert!(matches!(bus.insert(d.clone(), 0x2000, 0), Err(BusError::InvalidRange { .. })));
-        assert!(matches!(bus.insert(d.clone(), u64::MAX, 2), Err(BusError::InvalidRange { .. })));
+        assert!(matches!(
+            bus.insert(d.clone(), 0x10ff, 1),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(d.clone(), 0xf01, 0x100),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(d.clone(), 0x2000, 0),
+            Err(BusError::InvalidRange { .. })
+        ));
+        assert!(matches!(
+            bus.insert(d.clone(), u64::MAX, 2),
+            Err(BusError::InvalidRange { .. })
+        ));
         bus.insert(d.clone(), 0x1100, 0x100).unwrap();
         bus.insert(d, 0xf00, 0x100).unwrap();
     }

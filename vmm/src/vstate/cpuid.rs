@@ -31,7 +31,9 @@ impl std::str::FromStr for CpuTemplate {
         match s {
             "host" => Ok(CpuTemplate::Host),
             "x86-64-v2" => Ok(CpuTemplate::X86_64V2),
-            _ => Err(format!("unknown CPU template {s:?} (known: host, x86-64-v2)")),
+            _ => Err(format!(
+                "unknown CPU template {s:?} (known: host, x86-64-v2)"
+            )),
         }
     }
 }
@@ -98,8 +100,15 @@ pub fn build(
     CpuId::from_entries(&entries).map_err(CpuidError::Fam)
 }
 
-fn for_leaf(entries: &mut [kvm_cpuid_entry2], function: u32, mut f: impl FnMut(&mut kvm_cpuid_entry2)) {
-    entries.iter_mut().filter(|e| e.function == function).for_each(|e| f(e));
+fn for_leaf(
+    entries: &mut [kvm_cpuid_entry2],
+    function: u32,
+    f: impl FnMut(&mut kvm_cpuid_entry2),
+) {
+    entries
+        .iter_mut()
+        .filter(|e| e.function == function)
+        .for_each(f);
 }
 
 fn apply_x86_64_v2(entries: &mut Vec<kvm_cpuid_entry2>) {
@@ -181,7 +190,11 @@ fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, index: u8, count: u8) {
             continue;
         }
         entries.retain(|e| e.function != leaf);
-        for (sub, (eax, ebx, level_type)) in [(0u32, (0, 1, 1)), (1, (id_bits(count), count32, 2)), (2, (0, 0, 0))] {
+        for (sub, (eax, ebx, level_type)) in [
+            (0u32, (0, 1, 1)),
+            (1, (id_bits(count), count32, 2)),
+            (2, (0, 0, 0)),
+        ] {
             entries.push(kvm_cpuid_entry2 {
                 function: leaf,
                 index: sub,
@@ -200,7 +213,14 @@ fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, index: u8, count: u8) {
 mod tests {
     use super::*;
 
-    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+    fn entry(
+        function: u32,
+        index: u32,
+        eax: u32,
+        ebx: u32,
+        ecx: u32,
+        edx: u32,
+    ) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
             function,
             index,
@@ -215,7 +235,14 @@ mod tests {
     fn host() -> CpuId {
         CpuId::from_entries(&[
             entry(0, 0, 0x1f, 0, 0, 0),
-            entry(1, 0, 0x906ea, 0x0010_0800, 0xffff_ffff & !ECX_HYPERVISOR, 0xffff_ffff),
+            entry(
+                1,
+                0,
+                0x906ea,
+                0x0010_0800,
+                !ECX_HYPERVISOR,
+                0xffff_ffff,
+            ),
             entry(4, 0, (3 << 5) | 0x1, 0, 0, 0),
             entry(7, 0, 0, 0xffff_ffff, 0xffff_ffff, 0xffff_ffff),
             entry(0xb, 0, 1, 2, 0x100, 0),
@@ -226,7 +253,10 @@ mod tests {
     }
 
     fn get(c: &CpuId, f: u32, i: u32) -> kvm_cpuid_entry2 {
-        *c.as_slice().iter().find(|e| e.function == f && e.index == i).unwrap()
+        *c.as_slice()
+            .iter()
+            .find(|e| e.function == f && e.index == i)
+            .unwrap()
     }
 
     #[test]
@@ -268,7 +298,10 @@ mod tests {
         assert_ne!(l1.ecx & ECX_SSE42, 0);
         assert_eq!(get(&c, 7, 0).ebx, 0);
         let ext = get(&c, 0x8000_0001, 0);
-        assert_eq!(ext.edx, EDX_EXT_SYSCALL | EDX_EXT_NX | EDX_EXT_RDTSCP | EDX_EXT_LM);
+        assert_eq!(
+            ext.edx,
+            EDX_EXT_SYSCALL | EDX_EXT_NX | EDX_EXT_RDTSCP | EDX_EXT_LM
+        );
     }
 
     #[test]

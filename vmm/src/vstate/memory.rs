@@ -37,7 +37,7 @@ pub fn ram_regions(size: u64) -> Vec<(GuestAddress, usize)> {
 
 /// Creates anonymous, private guest RAM of `size` bytes.
 pub fn create_anonymous(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    if size == 0 || size % 4096 != 0 {
+    if size == 0 || !size.is_multiple_of(4096) {
         return Err(MemoryError::BadSize(size));
     }
     GuestMemoryMmap::from_ranges(&ram_regions(size)).map_err(|source| MemoryError::Mmap {
@@ -49,7 +49,7 @@ pub fn create_anonymous(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemory;
+    use vm_memory::GuestMemoryBackend;
 
     #[test]
     fn splits_around_the_mmio_hole() {
@@ -64,6 +64,9 @@ mod tests {
         let m = create_anonymous(2 << 20).unwrap();
         assert_eq!(m.last_addr(), GuestAddress((2 << 20) - 1));
         assert!(matches!(create_anonymous(0), Err(MemoryError::BadSize(0))));
-        assert!(matches!(create_anonymous(4097), Err(MemoryError::BadSize(4097))));
+        assert!(matches!(
+            create_anonymous(4097),
+            Err(MemoryError::BadSize(4097))
+        ));
     }
 }

@@ -45,7 +45,11 @@ pub enum VcpuError {
         source: kvm_ioctls::Error,
     },
     #[error("vCPU {index}: KVM accepted only {set} of {wanted} boot MSRs")]
-    Msrs { index: u8, set: usize, wanted: usize },
+    Msrs {
+        index: u8,
+        set: usize,
+        wanted: usize,
+    },
     #[error("cannot build the MSR list")]
     MsrList(#[source] vmm_sys_util::fam::Error),
     #[error("cannot install the vCPU kick signal handler")]
@@ -120,7 +124,8 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {
-        result = register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::SignalHandler);
+        result =
+            register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::SignalHandler);
     });
     result
 }
@@ -154,7 +159,9 @@ pub fn handle_exit(exit: VcpuExit<'_>, index: u8, pio: &Bus, mmio: &Bus) -> Exit
         }
         VcpuExit::Intr | VcpuExit::IoapicEoi(_) => ExitAction::Continue,
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => ExitAction::Stop(VmExit::GuestReset),
-        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => ExitAction::Stop(VmExit::GuestPowerOff),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => {
+            ExitAction::Stop(VmExit::GuestPowerOff)
+        }
         VcpuExit::Shutdown => ExitAction::Stop(VmExit::VcpuError {
             index,
             message: "triple fault (KVM_EXIT_SHUTDOWN)".into(),
@@ -219,7 +226,13 @@ impl Vcpu {
     /// Sets CPUID, MSRs, registers, FPU and LAPIC for entering `kernel`.
     pub fn configure(&self, cpuid: &CpuId, kernel: &KernelEntry) -> Result<(), VcpuError> {
         let index = self.index;
-        let step = |step| move |source| VcpuError::Configure { index, step, source };
+        let step = |step| {
+            move |source| VcpuError::Configure {
+                index,
+                step,
+                source,
+            }
+        };
         self.fd.set_cpuid2(cpuid).map_err(step("set CPUID"))?;
 
         let entries = regs::boot_msrs();
@@ -240,7 +253,9 @@ impl Vcpu {
         self.fd
             .set_sregs(&regs::boot_sregs(kernel.protocol, sregs))
             .map_err(step("set special registers"))?;
-        self.fd.set_fpu(&regs::boot_fpu()).map_err(step("set FPU"))?;
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(step("set FPU"))?;
 
         let mut lapic = self.fd.get_lapic().map_err(step("get LAPIC"))?;
         regs::setup_lapic_lint(&mut lapic.regs);
@@ -451,12 +466,17 @@ mod tests {
     #[test]
     fn port_and_mmio_exits_go_through_the_buses() {
         let mut pio = Bus::new();
-        pio.insert(Arc::new(Mutex::new(Fixed(0x11))), 0x3f8, 8).unwrap();
+        pio.insert(Arc::new(Mutex::new(Fixed(0x11))), 0x3f8, 8)
+            .unwrap();
         let mut mmio = Bus::new();
-        mmio.insert(Arc::new(Mutex::new(Fixed(0x22))), 0xd000_0000, 0x1000).unwrap();
+        mmio.insert(Arc::new(Mutex::new(Fixed(0x22))), 0xd000_0000, 0x1000)
+            .unwrap();
 
         let mut data = [0u8; 1];
-        assert_eq!(handle_exit(VcpuExit::IoIn(0x3f9, &mut data), 0, &pio, &mmio), ExitAction::Continue);
+        assert_eq!(
+            handle_exit(VcpuExit::IoIn(0x3f9, &mut data), 0, &pio, &mmio),
+            ExitAction::Continue
+        );
         assert_eq!(data, [0x11]);
         handle_exit(VcpuExit::IoIn(0x80, &mut data), 0, &pio, &mmio);
         assert_eq!(data, [0xff], "unclaimed port reads as all ones");
@@ -480,7 +500,12 @@ mod tests {
             ExitAction::Stop(VmExit::VcpuError { index: 1, .. })
         ));
         assert_eq!(
-            handle_exit(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]), 0, &pio, &mmio),
+            handle_exit(
+                VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]),
+                0,
+                &pio,
+                &mmio
+            ),
             ExitAction::Stop(VmExit::GuestReset)
         );
     }

@@ -105,7 +105,12 @@ impl Vm {
 
     /// Signals `evt` (without a userspace exit) when the guest writes `datamatch` to the
     /// 32-bit MMIO register at `addr`.
-    pub fn register_mmio_ioevent(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<(), VmError> {
+    pub fn register_mmio_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
         self.fd
             .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
             .map_err(|source| VmError::Ioeventfd { addr, source })

@@ -24,11 +24,17 @@ impl BootTimer {
 
     /// Time from VMM start to the guest's first write of the boot-complete value.
     pub fn boot_time(&self) -> Option<Duration> {
-        *self.completed.lock().unwrap_or_else(PoisonError::into_inner)
+        *self
+            .completed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn record(&self) {
-        let mut slot = self.completed.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = self
+            .completed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if slot.is_none() {
             let elapsed = self.start.elapsed();
             *slot = Some(elapsed);

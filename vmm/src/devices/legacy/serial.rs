@@ -68,7 +68,11 @@ impl SerialDevice {
     /// guest output to `out`. `rx_space` is signalled when the guest empties the input FIFO.
     pub fn new(irq_evt: EventFd, out: Box<dyn Write + Send>, rx_space: Arc<EventFd>) -> Self {
         Self {
-            uart: Serial::with_events(IrqFdTrigger(irq_evt), RxSpaceEvents(rx_space), ConsoleOutput(out)),
+            uart: Serial::with_events(
+                IrqFdTrigger(irq_evt),
+                RxSpaceEvents(rx_space),
+                ConsoleOutput(out),
+            ),
         }
     }
 
@@ -123,7 +127,11 @@ pub trait ReadFd: Read + AsRawFd + Send {}
 impl<T: Read + AsRawFd + Send> ReadFd for T {}
 
 impl ConsoleInput {
-    pub fn new(serial: Arc<Mutex<SerialDevice>>, input: Box<dyn ReadFd>, rx_space: Arc<EventFd>) -> Self {
+    pub fn new(
+        serial: Arc<Mutex<SerialDevice>>,
+        input: Box<dyn ReadFd>,
+        rx_space: Arc<EventFd>,
+    ) -> Self {
         Self {
             serial,
             input,
@@ -171,7 +179,9 @@ impl ConsoleInput {
         match self.input.read(&mut buf) {
             Ok(0) => self.input_eof = true,
             Ok(n) => self.pending.extend(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::Interrupted
+                    || e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 log::warn!("console input failed, ignoring it from now on: {e}");
                 self.input_eof = true;
