@@ -200,10 +200,14 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // One line naming the problem; clap's usage hint is noise for scripts.
+            // One line naming the problem: clap's message up to its usage block, folded.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("grove-vmm: {}", first.trim_start_matches("error: ").trim());
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(|l| l.trim().trim_start_matches("error: "))
+                .collect();
+            eprintln!("grove-vmm: error: {}", message.join(" "));
             return ExitCode::from(2);
         }
     };

@@ -100,11 +100,7 @@ pub fn build(
     CpuId::from_entries(&entries).map_err(CpuidError::Fam)
 }
 
-fn for_leaf(
-    entries: &mut [kvm_cpuid_entry2],
-    function: u32,
-    f: impl FnMut(&mut kvm_cpuid_entry2),
-) {
+fn for_leaf(entries: &mut [kvm_cpuid_entry2], function: u32, f: impl FnMut(&mut kvm_cpuid_entry2)) {
     entries
         .iter_mut()
         .filter(|e| e.function == function)
@@ -235,14 +231,7 @@ mod tests {
     fn host() -> CpuId {
         CpuId::from_entries(&[
             entry(0, 0, 0x1f, 0, 0, 0),
-            entry(
-                1,
-                0,
-                0x906ea,
-                0x0010_0800,
-                !ECX_HYPERVISOR,
-                0xffff_ffff,
-            ),
+            entry(1, 0, 0x906ea, 0x0010_0800, !ECX_HYPERVISOR, 0xffff_ffff),
             entry(4, 0, (3 << 5) | 0x1, 0, 0, 0),
             entry(7, 0, 0, 0xffff_ffff, 0xffff_ffff, 0xffff_ffff),
             entry(0xb, 0, 1, 2, 0x100, 0),

@@ -1,0 +1,185 @@
+//! `grove-vmm run` on bad input: a one-line error naming the problem and exit code 2, before
+//! any vCPU runs. And the happy path of the binary with the test guest.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn grove_vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_grove-vmm"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("grove-vmm runs")
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("grove-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn test_guest() -> String {
+    env!("GROVE_TEST_GUEST").to_string()
+}
+
+/// Exit code 2, and stderr is exactly one line that contains every `needle`.
+fn assert_bad_input(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains(": info: ")).collect();
+    assert_eq!(lines.len(), 1, "one line of error, got: {stderr}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{:?} should mention {n:?}", lines[0]);
+    }
+    assert!(
+        out.stdout.is_empty(),
+        "no guest ran: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn missing_kernel() {
+    let out = grove_vmm(&["run", "--kernel", "/nonexistent/vmlinux"]);
+    assert_bad_input(&out, &["/nonexistent/vmlinux", "No such file"]);
+}
+
+#[test]
+fn file_that_is_not_a_kernel() {
+    let dir = tempdir("notkernel");
+    let p = dir.join("random.bin");
+    std::fs::write(&p, vec![0x5au8; 10_000]).unwrap();
+    let out = grove_vmm(&["run", "--kernel", p.to_str().unwrap()]);
+    assert_bad_input(&out, &["is not a kernel"]);
+}
+
+#[test]
+fn zero_vcpus() {
+    let out = grove_vmm(&["run", "--kernel", &test_guest(), "--vcpus", "0"]);
+    assert_bad_input(&out, &["vcpus", "got 0"]);
+    let out = grove_vmm(&["run", "--kernel", &test_guest(), "--vcpus", "33"]);
+    assert_bad_input(&out, &["vcpus", "33"]);
+}
+
+#[test]
+fn more_memory_than_the_host_has() {
+    let out = grove_vmm(&["run", "--kernel", &test_guest(), "--memory", "100000000"]);
+    assert_bad_input(&out, &["memory", "100000000 MiB", "host"]);
+}
+
+#[test]
+fn unknown_config_field() {
+    let dir = tempdir("cfg");
+    let p = dir.join("vm.json");
+    std::fs::write(&p, format!(r#"{{"kernel":"{}","vcpu":2}}"#, test_guest())).unwrap();
+    let out = grove_vmm(&["run", "--config", p.to_str().unwrap()]);
+    assert_bad_input(&out, &["unknown field `vcpu`", "vm.json"]);
+}
+
+#[test]
+fn malformed_config() {
+    let dir = tempdir("badjson");
+    let p = dir.join("vm.json");
+    std::fs::write(&p, "{ not json").unwrap();
+    let out = grove_vmm(&["run", "--config", p.to_str().unwrap()]);
+    assert_bad_input(&out, &["vm.json"]);
+}
+
+#[test]
+fn unreadable_disk() {
+    let out = grove_vmm(&[
+        "run",
+        "--kernel",
+        &test_guest(),
+        "--disk",
+        "/nonexistent/disk.img",
+    ]);
+    assert_bad_input(&out, &["/nonexistent/disk.img"]);
+    let dir = tempdir("dirdisk");
+    let out = grove_vmm(&[
+        "run",
+        "--kernel",
+        &test_guest(),
+        "--rootfs",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn unknown_flag_and_bad_disk_option() {
+    let out = grove_vmm(&["run", "--kernel", &test_guest(), "--vcpu", "2"]);
+    assert_bad_input(&out, &["--vcpu"]);
+    let out = grove_vmm(&["run", "--kernel", &test_guest(), "--disk", "/tmp/x,rx"]);
+    assert_bad_input(&out, &["rx"]);
+    let out = grove_vmm(&["run"]);
+    assert_bad_input(&out, &["--kernel"]);
+}
+
+#[test]
+fn boots_the_test_guest_and_exits_zero_on_guest_reset() {
+    let out = grove_vmm(&[
+        "run",
+        "--kernel",
+        &test_guest(),
+        "--memory",
+        "32",
+        "--cmdline",
+        "test=serial",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(stdout.contains("hello from the test guest"), "{stdout}");
+    assert!(stderr.contains("guest boot complete:"), "{stderr}");
+}
+
+#[test]
+fn guest_failure_exits_one() {
+    let out = grove_vmm(&[
+        "run",
+        "--kernel",
+        &test_guest(),
+        "--memory",
+        "32",
+        "--cmdline",
+        "test=triple-fault",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn serial_to_a_file() {
+    let dir = tempdir("serial");
+    let log = dir.join("console.log");
+    let out = grove_vmm(&[
+        "run",
+        "--kernel",
+        &test_guest(),
+        "--memory",
+        "32",
+        "--cmdline",
+        "test=serial",
+        "--serial",
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("hello from the test guest"));
+}
