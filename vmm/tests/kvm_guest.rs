@@ -132,10 +132,28 @@ fn port_and_mmio_dispatch() {
     );
 }
 
-fn tempdir(name: &str) -> PathBuf {
+/// A scratch directory removed when the test ends.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    fn to_str(&self) -> Option<&str> {
+        self.0.to_str()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(name: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("grove-kvm-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
 }
 
 #[test]
@@ -171,7 +189,6 @@ fn virtio_blk_read_write_flush_get_id() {
     assert!(after[1024..1536].iter().all(|b| *b == 0xc3));
     assert_eq!(after[..1024], content[..1024]);
     assert_eq!(after[1536..], content[1536..]);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -189,7 +206,6 @@ fn virtio_blk_read_only_refuses_writes() {
     assert_eq!(exit, VmExit::GuestReset, "{out}");
     assert!(out.contains("write2 status=01"), "{out}");
     assert!(std::fs::read(&disk).unwrap().iter().all(|b| *b == 0));
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

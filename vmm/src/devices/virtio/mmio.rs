@@ -173,6 +173,18 @@ fn set_half(addr: &mut u64, value: u32, high: bool) {
     };
 }
 
+/// `e` and its causes, for a one-line log message.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        cause = c.source();
+    }
+    msg
+}
+
 /// One virtio device behind a virtio-MMIO register window.
 pub struct MmioTransport {
     mem: GuestMemoryMmap,
@@ -389,7 +401,7 @@ impl MmioTransport {
         let requested =
             (value & !status::DEVICE_NEEDS_RESET) | (self.status & status::DEVICE_NEEDS_RESET);
         let old = self.status;
-        let init_bits: u32 = INIT_SEQUENCE.iter().sum();
+        let init_bits = INIT_SEQUENCE.iter().fold(0, |acc, bit| acc | bit);
         let valid = requested & !init_bits == old & !init_bits
             && requested & old == old
             && INIT_SEQUENCE
@@ -414,7 +426,7 @@ impl MmioTransport {
         self.status = new;
         if new & added & status::DRIVER_OK != 0 {
             if let Err(e) = self.activate() {
-                warn!("virtio-mmio: activation failed: {e}");
+                warn!("virtio-mmio: activation failed: {}", error_chain(&e));
                 self.status |= status::DEVICE_NEEDS_RESET;
                 if let Err(e) = self.interrupt.trigger(INT_CONFIG) {
                     warn!("virtio-mmio: cannot inject the config interrupt: {e}");
