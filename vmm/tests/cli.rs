@@ -201,3 +201,50 @@ fn serial_to_a_file() {
         .unwrap()
         .contains("hello from the test guest"));
 }
+
+#[test]
+fn a_disk_in_use_by_another_vm_is_refused() {
+    let dir = tempdir("locked");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    let disk = disk.to_str().unwrap().to_string();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_grove-vmm"))
+        .args([
+            "run",
+            "--kernel",
+            &test_guest(),
+            "--memory",
+            "32",
+            "--cmdline",
+            "test=counter",
+            "--disk",
+            &disk,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the first VMM has opened (and locked) the disk: it logs boot completion.
+    let mut stderr = first.stderr.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    while !seen.contains("guest boot complete") {
+        use std::io::Read;
+        let n = stderr.read(&mut buf).unwrap();
+        assert!(n > 0, "first VMM ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let out = grove_vmm(&[
+        "run",
+        "--kernel",
+        &test_guest(),
+        "--memory",
+        "32",
+        "--disk",
+        &disk,
+    ]);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_bad_input(&out, &["in use by another VM", &disk]);
+}

@@ -58,6 +58,18 @@ pub enum BlockError {
     IdTooLong { id: String },
     #[error("cannot create the device eventfds")]
     EventFd(#[source] io::Error),
+    #[error(
+        "disk image {} is in use by another VM{}",
+        .path.display(),
+        if *.read_only { " that writes it" } else { "" }
+    )]
+    Locked { path: PathBuf, read_only: bool },
+    #[error("cannot lock disk image {}", .path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A virtio-blk device with one request queue, served on the event-loop thread.
@@ -88,6 +100,20 @@ impl Block {
                 path: path.clone(),
                 source,
             })?;
+        // An advisory lock keeps two VMs from writing one image (exclusive for read-write,
+        // shared for read-only, so any number of VMs may share a read-only image). It lives
+        // as long as the file is open.
+        let locked = if read_only {
+            file.try_lock_shared()
+        } else {
+            file.try_lock()
+        };
+        if let Err(e) = locked {
+            return Err(match e {
+                std::fs::TryLockError::WouldBlock => BlockError::Locked { path, read_only },
+                std::fs::TryLockError::Error(source) => BlockError::Lock { path, source },
+            });
+        }
         let size = disk_size(&mut file).map_err(|source| BlockError::Size {
             path: path.clone(),
             source,

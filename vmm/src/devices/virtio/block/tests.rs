@@ -363,6 +363,35 @@ fn new_checks_the_image_and_fills_the_config_space() {
     assert!(e.to_string().contains(&missing.display().to_string()));
 }
 
+#[test]
+fn an_image_written_by_one_vm_is_locked_for_every_other() {
+    let (tmp, first) = block_with(&pattern(8), false, "a");
+    let first = first.unwrap();
+    let open = |read_only| {
+        Block::new(BlockConfig {
+            path: tmp.0.clone(),
+            read_only,
+            id: String::new(),
+        })
+    };
+    assert!(matches!(
+        open(false),
+        Err(BlockError::Locked {
+            read_only: false,
+            ..
+        })
+    ));
+    let e = open(true).err().expect("read-only open of a written image");
+    assert!(e.to_string().contains("in use by another VM"), "{e}");
+    drop(first);
+    // Read-only users share the image; a writer is then refused.
+    let r1 = open(true).unwrap();
+    let r2 = open(true).unwrap();
+    assert!(matches!(open(false), Err(BlockError::Locked { .. })));
+    drop((r1, r2));
+    open(false).unwrap();
+}
+
 /// A block device registered with a real event manager.
 struct Loop {
     em: EventManager<Arc<Mutex<Block>>>,
