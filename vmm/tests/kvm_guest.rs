@@ -139,9 +139,6 @@ impl TempDir {
     fn join(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
-    fn to_str(&self) -> Option<&str> {
-        self.0.to_str()
-    }
 }
 
 impl Drop for TempDir {
