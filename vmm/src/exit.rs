@@ -1,5 +1,6 @@
 //! Why a VM stopped, and the one place every thread reports it to.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -43,6 +44,8 @@ impl std::fmt::Display for VmExit {
 #[derive(Debug)]
 pub struct ExitNotifier {
     reason: Mutex<Option<VmExit>>,
+    // Set with the reason; read lock-free on the vCPU exit path.
+    requested: AtomicBool,
     evt: EventFd,
 }
 
@@ -50,6 +53,7 @@ impl ExitNotifier {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             reason: Mutex::new(None),
+            requested: AtomicBool::new(false),
             evt: EventFd::new(0)?,
         })
     }
@@ -60,11 +64,17 @@ impl ExitNotifier {
         if slot.is_none() {
             log::debug!("VM exit requested: {reason}");
             *slot = Some(reason);
+            self.requested.store(true, Ordering::Release);
         }
         drop(slot);
         if let Err(e) = self.evt.write(1) {
             log::error!("cannot signal VM exit: {e}");
         }
+    }
+
+    /// Whether some thread asked the VM to stop (cheap: no lock).
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
     }
 
     /// The reason recorded so far, if any.

@@ -298,3 +298,16 @@ fn a_halted_guest_can_still_be_stopped() {
     vmm.stop();
     assert_eq!(vmm.wait(), VmExit::Stopped);
 }
+
+#[test]
+fn guest_cpuid_names_the_hypervisor() {
+    let (exit, out) = run(&config("cpuid"));
+    assert_eq!(exit, VmExit::GuestReset, "{out}");
+    assert!(out.contains("hv=KVMKVMKVM"), "{out}");
+    // The hypervisor bit (leaf 1 ECX bit 31) is set: the top hex digit of ecx is 8-f.
+    let ecx = out.split("ecx=").nth(1).expect("leaf 1 printed");
+    assert!(
+        u32::from_str_radix(&ecx[..8], 16).unwrap() & (1 << 31) != 0,
+        "{out}"
+    );
+}

@@ -223,6 +223,32 @@ impl Vcpu {
         &self.fd
     }
 
+    /// Whether KVM applied `wanted` (leaves 1 and 7, the feature flags). Some hosts do not:
+    /// PVM replaces the table with its own view of the host CPU.
+    pub fn cpuid_applied(&self, wanted: &CpuId) -> Result<bool, VcpuError> {
+        let index = self.index;
+        let effective = self
+            .fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VcpuError::Configure {
+                index,
+                step: "read back CPUID",
+                source,
+            })?;
+        let features = |c: &CpuId| {
+            c.as_slice()
+                .iter()
+                .filter(|e| (e.function == 1 || e.function == 7) && e.index == 0)
+                // KVM rewrites some bits at run time (APIC ID, OSXSAVE, APIC, OSPKE): skip them.
+                .map(|e| match e.function {
+                    1 => (1, 0, e.ecx & !(1 << 27), e.edx & !(1 << 9)),
+                    _ => (7, e.ebx, e.ecx & !(1 << 4), e.edx),
+                })
+                .collect::<Vec<_>>()
+        };
+        Ok(features(&effective) == features(wanted))
+    }
+
     /// Sets CPUID, MSRs, registers, FPU and LAPIC for entering `kernel`.
     pub fn configure(&self, cpuid: &CpuId, kernel: &KernelEntry) -> Result<(), VcpuError> {
         let index = self.index;
@@ -317,6 +343,11 @@ impl Vcpu {
             Ok(exit) => {
                 let internal = matches!(exit, VcpuExit::InternalError);
                 match handle_exit(exit, self.index, &self.pio, &self.mmio) {
+                    // A device may have ended the VM (the i8042 reset line): stop here
+                    // rather than run the guest on until the VMM tears it down.
+                    ExitAction::Continue if self.exit.is_requested() => {
+                        Some(Step::Quiet(VcpuState::Exited))
+                    }
                     ExitAction::Continue => Some(Step::Quiet(VcpuState::Running)),
                     ExitAction::Stop(mut reason) => {
                         if internal {

@@ -210,6 +210,23 @@ static void test_pio_mmio(void) {
     puts("\n");
 }
 
+static void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d) {
+    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
+}
+
+static void test_cpuid(void) {
+    u32 a, b, c, d;
+    cpuid(1, 0, &a, &b, &c, &d);
+    puts("leaf1 ebx="); puthex(b, 8); puts(" ecx="); puthex(c, 8); puts(" edx="); puthex(d, 8);
+    cpuid(7, 0, &a, &b, &c, &d);
+    puts(" leaf7 ebx="); puthex(b, 8); puts(" edx="); puthex(d, 8);
+    cpuid(0x40000000, 0, &a, &b, &c, &d);
+    puts(" hv=");
+    u32 sig[3] = {b, c, d};
+    for (int i = 0; i < 12; i++) putc((char)(sig[i / 4] >> ((i % 4) * 8)));
+    puts("\n");
+}
+
 static void test_counter(void) {
     volatile u64 *counter = (volatile u64 *)COUNTER_ADDR;
     puts("counting\n");
@@ -228,6 +245,7 @@ void guest_main(const u8 *zero_page) {
     else if (is_test(t, "blk")) test_blk();
     else if (is_test(t, "rng")) test_rng();
     else if (is_test(t, "counter")) test_counter();
+    else if (is_test(t, "cpuid")) test_cpuid();
     else if (is_test(t, "triple-fault")) {
         /* Empty IDT, then a #GP from a non-canonical address: #GP -> #DF -> triple fault.
          * (Not int3: the PVM emulator cannot execute it.) */
