@@ -13,6 +13,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod exit;
 pub mod runtime;
+pub mod snapshot;
 pub mod vstate;
 
 pub use builder::{build_and_start, BuildError, ConsoleIo};
