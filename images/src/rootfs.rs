@@ -1,0 +1,444 @@
+//! The root filesystem: static busybox, its applet links, the committed init
+//! and /etc files, as a reproducible ext4 image built without root privileges
+//! (stage a directory, `mkfs.ext4 -d`, then fix owners and times with debugfs).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, FileTimes};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::apt;
+use crate::cmd::{self, progress};
+use crate::error::ImagesError;
+use crate::inputs::{self, Input};
+use crate::key::PackageVersion;
+
+/// File name of the image.
+pub(crate) const IMAGE: &str = "rootfs.ext4";
+/// Image size (a sparse file).
+const SIZE: u64 = 256 * 1024 * 1024;
+/// File system label.
+const LABEL: &str = "grove-root";
+/// Fixed file system UUID (reproducible images).
+const UUID: &str = "5f1c2a7e-3b9d-4c60-8e21-9a4d7b0c6e13";
+/// Fixed directory hash seed (reproducible images).
+const HASH_SEED: &str = "0b7e4d29-6a13-4f85-b2c7-1d9e8f305a64";
+/// Every time stamp in the image: 2024-01-01T00:00:00Z.
+pub(crate) const EPOCH: u64 = 1_704_067_200;
+
+/// Directories of the image and their modes (parents before children).
+const DIRS: [(&str, u32); 13] = [
+    ("bin", 0o755),
+    ("dev", 0o755),
+    ("etc", 0o755),
+    ("mnt", 0o755),
+    ("proc", 0o555),
+    ("root", 0o700),
+    ("run", 0o755),
+    ("sbin", 0o755),
+    ("sys", 0o555),
+    ("tmp", 0o1777),
+    ("usr", 0o755),
+    ("usr/bin", 0o755),
+    ("usr/sbin", 0o755),
+];
+
+/// `busybox --list-full` entries that are not installed as applet links.
+/// `linuxrc` is for initrds; the others are replaced by committed files.
+const SKIPPED_APPLETS: [&str; 2] = ["bin/busybox", "linuxrc"];
+
+/// Programs used by the root filesystem build.
+pub(crate) struct Tools {
+    dpkg_deb: PathBuf,
+    tar: PathBuf,
+    mkfs: PathBuf,
+    debugfs: PathBuf,
+    e2fsck: PathBuf,
+}
+
+/// Checks up front that everything the rootfs build needs is installed.
+pub(crate) fn check_tools() -> Result<Tools, ImagesError> {
+    cmd::require_tool("apt-get", "apt")?;
+    Ok(Tools {
+        dpkg_deb: cmd::require_tool("dpkg-deb", "dpkg")?,
+        tar: cmd::require_tool("tar", "tar")?,
+        mkfs: cmd::require_tool("mkfs.ext4", "e2fsprogs")?,
+        debugfs: cmd::require_tool("debugfs", "e2fsprogs")?,
+        e2fsck: cmd::require_tool("e2fsck", "e2fsprogs")?,
+    })
+}
+
+/// Whether `dir` holds a finished root filesystem.
+pub(crate) fn is_complete(dir: &Path) -> bool {
+    dir.join(IMAGE).is_file()
+}
+
+/// Where a committed `rootfs/...` input goes in the image, with its mode.
+fn destinations(input: &str) -> Result<Vec<(String, u32)>, ImagesError> {
+    match input {
+        "rootfs/init" => Ok(vec![("sbin/init".to_owned(), 0o755)]),
+        "rootfs/poweroff" => Ok(vec![
+            ("sbin/poweroff".to_owned(), 0o755),
+            ("sbin/halt".to_owned(), 0o755),
+        ]),
+        _ => match input.strip_prefix("rootfs/etc/") {
+            Some(name) if !name.is_empty() => Ok(vec![(format!("etc/{name}"), 0o644)]),
+            _ => Err(ImagesError::Unexpected(format!(
+                "images/{input} is not installed anywhere in the root filesystem: \
+                 map it in images/src/rootfs.rs (fn destinations) or remove it"
+            ))),
+        },
+    }
+}
+
+/// Kind of a staged entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    Dir(u32),
+    File(u32),
+    Symlink(String),
+}
+
+/// Computes the image's contents: path (relative, no leading `/`) -> entry.
+/// Committed files win over applet links of the same name.
+fn plan(applets: &str, inputs: &[Input]) -> Result<BTreeMap<String, Entry>, ImagesError> {
+    let mut entries = BTreeMap::new();
+    for (dir, mode) in DIRS {
+        entries.insert(dir.to_owned(), Entry::Dir(mode));
+    }
+    entries.insert("bin/busybox".to_owned(), Entry::File(0o755));
+    for input in inputs {
+        for (dest, mode) in destinations(input.path)? {
+            entries.insert(dest, Entry::File(mode));
+        }
+    }
+    for applet in applets.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let valid = !applet.starts_with('/')
+            && applet
+                .split('/')
+                .all(|part| !part.is_empty() && part != "." && part != "..");
+        if !valid {
+            return Err(ImagesError::Unexpected(format!(
+                "busybox --list-full printed an unexpected path: {applet:?}"
+            )));
+        }
+        if SKIPPED_APPLETS.contains(&applet) || entries.contains_key(applet) {
+            continue;
+        }
+        let mut parent = Path::new(applet).parent();
+        while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
+            entries
+                .entry(dir.to_string_lossy().into_owned())
+                .or_insert(Entry::Dir(0o755));
+            parent = dir.parent();
+        }
+        entries.insert(applet.to_owned(), Entry::Symlink("/bin/busybox".to_owned()));
+    }
+    Ok(entries)
+}
+
+/// Builds the root filesystem into `out` (`<cache>/rootfs/<key>`).
+pub(crate) fn build(
+    cache_dir: &Path,
+    out: &Path,
+    busybox: &PackageVersion,
+    tools: &Tools,
+) -> Result<(), ImagesError> {
+    let started = Instant::now();
+    let work = cmd::sibling(out, "work");
+    cmd::remove_dir_if_exists(&work)?;
+    cmd::create_dir_all(&work)?;
+
+    let deb = apt::download(cache_dir, busybox)?;
+    progress(format_args!(
+        "rootfs: extracting /bin/busybox from {} {}",
+        busybox.name, busybox.version
+    ));
+    let unpacked = work.join("deb");
+    cmd::create_dir_all(&unpacked)?;
+    cmd::extract_deb(
+        &tools.dpkg_deb,
+        &tools.tar,
+        &deb,
+        &unpacked,
+        &["./bin/busybox"],
+    )?;
+    let busybox_bin = unpacked.join("bin/busybox");
+    let applets = cmd::run_captured(
+        Command::new(&busybox_bin).arg("--list-full"),
+        "listing the busybox applets",
+    )?;
+
+    let inputs = inputs::rootfs();
+    let entries = plan(&applets, &inputs)?;
+    let links = entries
+        .values()
+        .filter(|e| matches!(e, Entry::Symlink(_)))
+        .count();
+    progress(format_args!(
+        "rootfs: staging busybox, {links} applet links, {} committed files",
+        inputs.len()
+    ));
+    let root = work.join("root");
+    stage(&root, &entries, &busybox_bin, &inputs)?;
+
+    let image = work.join(IMAGE);
+    progress(format_args!(
+        "rootfs: mkfs.ext4 -d ({} MiB, label {LABEL})",
+        SIZE >> 20
+    ));
+    let file = File::create(&image).map_err(|e| ImagesError::io("create", &image, e))?;
+    file.set_len(SIZE)
+        .map_err(|e| ImagesError::io("size", &image, e))?;
+    drop(file);
+    cmd::run_captured(
+        Command::new(&tools.mkfs)
+            .env("E2FSPROGS_FAKE_TIME", EPOCH.to_string())
+            .args([
+                "-q", "-F", "-T", "default", "-b", "4096", "-L", LABEL, "-U", UUID,
+            ])
+            .arg("-E")
+            .arg(format!(
+                "hash_seed={HASH_SEED},lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0"
+            ))
+            .arg("-d")
+            .arg(&root)
+            .arg(&image),
+        "creating the root filesystem",
+    )?;
+
+    progress("rootfs: setting owner root:root and fixed times on every inode (debugfs -w)");
+    fix_inodes(&tools.debugfs, &image, &work.join("debugfs.cmds"), &entries)?;
+    verify(tools, &image)?;
+
+    let tmp = cmd::sibling(out, "tmp");
+    cmd::remove_dir_if_exists(&tmp)?;
+    cmd::create_dir_all(&tmp)?;
+    cmd::rename(&image, &tmp.join(IMAGE))?;
+    cmd::rename(&tmp, out)?;
+    cmd::remove_dir_if_exists(&work)?;
+    progress(format_args!(
+        "rootfs: built in {} -> {}",
+        cmd::elapsed(started),
+        out.display()
+    ));
+    Ok(())
+}
+
+/// Creates the staging directory and sets every file's mode and times.
+fn stage(
+    root: &Path,
+    entries: &BTreeMap<String, Entry>,
+    busybox: &Path,
+    inputs: &[Input],
+) -> Result<(), ImagesError> {
+    cmd::create_dir_all(root)?;
+    let mut contents: BTreeMap<String, &[u8]> = BTreeMap::new();
+    for input in inputs {
+        for (dest, _) in destinations(input.path)? {
+            contents.insert(dest, input.contents);
+        }
+    }
+    let busybox_bytes = fs::read(busybox).map_err(|e| ImagesError::io("read", busybox, e))?;
+    contents.insert("bin/busybox".to_owned(), &busybox_bytes);
+
+    // BTreeMap order puts every directory before the paths below it.
+    for (rel, entry) in entries {
+        let path = root.join(rel);
+        match entry {
+            Entry::Dir(_) => cmd::create_dir_all(&path)?,
+            Entry::File(_) => {
+                let bytes = contents.get(rel).ok_or_else(|| {
+                    ImagesError::Unexpected(format!("no contents for rootfs file /{rel}"))
+                })?;
+                cmd::write_file(&path, bytes)?;
+            }
+            Entry::Symlink(target) => std::os::unix::fs::symlink(target, &path)
+                .map_err(|e| ImagesError::io("create symlink", &path, e))?,
+        }
+    }
+    // Modes and times last: creating entries changes a directory's mtime.
+    let epoch = SystemTime::UNIX_EPOCH + Duration::from_secs(EPOCH);
+    let times = FileTimes::new().set_accessed(epoch).set_modified(epoch);
+    for (rel, entry) in entries
+        .iter()
+        .map(|(r, e)| (root.join(r), e))
+        .chain([(root.to_owned(), &Entry::Dir(0o755))])
+    {
+        let mode = match entry {
+            Entry::Dir(mode) | Entry::File(mode) => *mode,
+            // Symlink times cannot be set through std; debugfs sets them.
+            Entry::Symlink(_) => continue,
+        };
+        fs::set_permissions(&rel, fs::Permissions::from_mode(mode))
+            .map_err(|e| ImagesError::io("set permissions of", &rel, e))?;
+        File::open(&rel)
+            .and_then(|file| file.set_times(times))
+            .map_err(|e| ImagesError::io("set times of", &rel, e))?;
+    }
+    Ok(())
+}
+
+/// The debugfs batch that makes every inode owned by 0:0 with all four time
+/// stamps at [`EPOCH`]: `mkfs.ext4 -d` copies the builder's uid/gid and the
+/// staged files' ctime (which cannot be set on the host).
+fn debugfs_script(entries: &BTreeMap<String, Entry>) -> String {
+    let mut script = format!("set_current_time @{EPOCH}\n");
+    let paths = std::iter::once("/".to_owned())
+        .chain(std::iter::once("/lost+found".to_owned()))
+        .chain(entries.keys().map(|rel| format!("/{rel}")));
+    for path in paths {
+        for (field, value) in [
+            ("uid", "0".to_owned()),
+            ("gid", "0".to_owned()),
+            ("atime", format!("@{EPOCH}")),
+            ("mtime", format!("@{EPOCH}")),
+            ("ctime", format!("@{EPOCH}")),
+            ("crtime", format!("@{EPOCH}")),
+        ] {
+            script.push_str(&format!("set_inode_field {path} {field} {value}\n"));
+        }
+    }
+    script
+}
+
+/// Runs the [`debugfs_script`] on the image. debugfs exits 0 even when a
+/// command fails, so anything on stderr besides its banner is an error.
+fn fix_inodes(
+    debugfs: &Path,
+    image: &Path,
+    script_path: &Path,
+    entries: &BTreeMap<String, Entry>,
+) -> Result<(), ImagesError> {
+    cmd::write_file(script_path, debugfs_script(entries).as_bytes())?;
+    let mut command = Command::new(debugfs);
+    command
+        .env("E2FSPROGS_FAKE_TIME", EPOCH.to_string())
+        .arg("-w")
+        .arg("-f")
+        .arg(script_path)
+        .arg(image)
+        .env("LC_ALL", "C");
+    let output = command.output().map_err(|source| ImagesError::Spawn {
+        command: cmd::describe(&command),
+        source,
+    })?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|line| !line.trim().is_empty() && !line.starts_with("debugfs "))
+        .collect();
+    if !output.status.success() || !errors.is_empty() {
+        return Err(ImagesError::CommandFailed {
+            what: "fixing owners and times in the root filesystem".to_owned(),
+            command: cmd::describe(&command),
+            status: output.status,
+            log: Some(script_path.to_owned()),
+            output: cmd::tail(&errors.join("\n")),
+        });
+    }
+    Ok(())
+}
+
+/// Checks the finished image: a clean fsck, and init and busybox owned by root.
+fn verify(tools: &Tools, image: &Path) -> Result<(), ImagesError> {
+    cmd::run_captured(
+        Command::new(&tools.e2fsck).arg("-fn").arg(image),
+        "checking the root filesystem (e2fsck -fn)",
+    )?;
+    for path in ["/sbin/init", "/bin/busybox", "/etc/passwd"] {
+        let stat = cmd::run_captured(
+            Command::new(&tools.debugfs)
+                .arg("-R")
+                .arg(format!("stat {path}"))
+                .arg(image),
+            "inspecting the root filesystem (debugfs stat)",
+        )?;
+        let owner: Vec<&str> = stat
+            .lines()
+            .find(|line| line.starts_with("User:"))
+            .map(|line| line.split_whitespace().collect())
+            .unwrap_or_default();
+        // "User:     0   Group:     0   Project: ..."
+        if owner.get(1) != Some(&"0") || owner.get(3) != Some(&"0") {
+            return Err(ImagesError::Unexpected(format!(
+                "{path} in {} is not owned by root:root after the debugfs fix-up: {}",
+                image.display(),
+                owner.join(" ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_files_win_over_applets() {
+        let inputs = [
+            Input {
+                path: "rootfs/init",
+                contents: b"#!/bin/sh\n",
+            },
+            Input {
+                path: "rootfs/poweroff",
+                contents: b"#!/bin/sh\n",
+            },
+            Input {
+                path: "rootfs/etc/passwd",
+                contents: b"root:x:0:0::/root:/bin/sh\n",
+            },
+        ];
+        let applets =
+            "bin/sh\nsbin/init\nsbin/poweroff\nsbin/halt\nlinuxrc\nbin/busybox\nusr/local/bin/x\n";
+        let entries = plan(applets, &inputs).expect("valid plan");
+        assert_eq!(entries["sbin/init"], Entry::File(0o755));
+        assert_eq!(entries["sbin/poweroff"], Entry::File(0o755));
+        assert_eq!(entries["sbin/halt"], Entry::File(0o755));
+        assert_eq!(entries["etc/passwd"], Entry::File(0o644));
+        assert_eq!(entries["bin/busybox"], Entry::File(0o755));
+        assert_eq!(entries["bin/sh"], Entry::Symlink("/bin/busybox".to_owned()));
+        assert_eq!(entries["usr/local"], Entry::Dir(0o755));
+        assert_eq!(entries["tmp"], Entry::Dir(0o1777));
+        assert!(!entries.contains_key("linuxrc"));
+    }
+
+    #[test]
+    fn unmapped_rootfs_input_is_an_error() {
+        let inputs = [Input {
+            path: "rootfs/stray",
+            contents: b"",
+        }];
+        let error = plan("", &inputs).expect_err("unmapped input");
+        assert!(error.to_string().contains("rootfs/stray"), "{error}");
+    }
+
+    #[test]
+    fn rejects_escaping_applet_paths() {
+        assert!(plan("../etc/x\n", &[]).is_err());
+        assert!(plan("/bin/x\n", &[]).is_err());
+    }
+
+    #[test]
+    fn committed_rootfs_inputs_are_all_mapped() {
+        for input in inputs::rootfs() {
+            destinations(input.path).expect("mapped");
+        }
+        assert!(inputs::rootfs().iter().any(|i| i.path == "rootfs/init"));
+    }
+
+    #[test]
+    fn debugfs_script_covers_every_path() {
+        let entries = plan("bin/sh\n", &[]).expect("valid plan");
+        let script = debugfs_script(&entries);
+        assert!(script.starts_with(&format!("set_current_time @{EPOCH}\n")));
+        for path in ["/", "/lost+found", "/bin/sh", "/bin/busybox", "/tmp"] {
+            assert!(script.contains(&format!("set_inode_field {path} uid 0\n")));
+            assert!(script.contains(&format!("set_inode_field {path} ctime @{EPOCH}\n")));
+        }
+    }
+}
