@@ -283,3 +283,17 @@ pub(crate) fn elapsed(since: Instant) -> String {
         format!("{}m{:02}s", (secs / 60.0) as u64, (secs % 60.0) as u64)
     }
 }
+
+/// The host C compiler's identity, `cc --version`'s first line (for example
+/// "gcc (Debian 12.2.0-14+deb12u1) 12.2.0"), as a build input.
+pub(crate) fn toolchain_version() -> Result<crate::key::PackageVersion, ImagesError> {
+    let cc = require_tool("cc", "gcc")?;
+    let out = run_captured(
+        Command::new(cc).arg("--version"),
+        "asking the C compiler its version",
+    )?;
+    Ok(crate::key::PackageVersion {
+        name: "cc",
+        version: out.lines().next().unwrap_or_default().trim().to_owned(),
+    })
+}

@@ -84,6 +84,8 @@ pub fn default_cache_dir() -> Result<PathBuf, ImagesError> {
 /// Keys and package versions of the default image set for the current inputs.
 struct Plan {
     packages: apt::Candidates,
+    /// The C compiler builds the kernel and the init: its version is an input too.
+    toolchain: key::PackageVersion,
     kernel_key: String,
     rootfs_key: String,
     set_key: String,
@@ -92,19 +94,21 @@ struct Plan {
 impl Plan {
     fn compute(cache_dir: &Path) -> Result<Self, ImagesError> {
         let packages = apt::candidates(cache_dir)?;
+        let toolchain = cmd::toolchain_version()?;
         let kernel_key = key::component_key(
             "kernel",
-            std::slice::from_ref(&packages.kernel_source),
+            &[packages.kernel_source.clone(), toolchain.clone()],
             &inputs::kernel(),
         );
         let rootfs_key = key::component_key(
             "rootfs",
-            std::slice::from_ref(&packages.busybox),
+            &[packages.busybox.clone(), toolchain.clone()],
             &inputs::rootfs(),
         );
         let set_key = key::set_key(&kernel_key, &rootfs_key);
         Ok(Self {
             packages,
+            toolchain,
             kernel_key,
             rootfs_key,
             set_key,
@@ -125,13 +129,17 @@ impl Plan {
 
     /// The manifest of the set this plan produces.
     fn manifest(&self, artefacts: Vec<Artefact>) -> Manifest {
-        let packages = [&self.packages.kernel_source, &self.packages.busybox]
-            .into_iter()
-            .map(|p| Package {
-                name: p.name.to_owned(),
-                version: p.version.clone(),
-            })
-            .collect();
+        let packages = [
+            &self.packages.kernel_source,
+            &self.packages.busybox,
+            &self.toolchain,
+        ]
+        .into_iter()
+        .map(|p| Package {
+            name: p.name.to_owned(),
+            version: p.version.clone(),
+        })
+        .collect();
         let inputs = inputs::kernel()
             .into_iter()
             .chain(inputs::rootfs())

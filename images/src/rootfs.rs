@@ -29,10 +29,11 @@ const HASH_SEED: &str = "0b7e4d29-6a13-4f85-b2c7-1d9e8f305a64";
 pub(crate) const EPOCH: u64 = 1_704_067_200;
 
 /// Directories of the image and their modes (parents before children).
-const DIRS: [(&str, u32); 13] = [
+const DIRS: [(&str, u32); 14] = [
     ("bin", 0o755),
     ("dev", 0o755),
     ("etc", 0o755),
+    ("etc/grove", 0o755),
     ("mnt", 0o755),
     ("proc", 0o555),
     ("root", 0o700),
@@ -49,8 +50,41 @@ const DIRS: [(&str, u32); 13] = [
 /// `linuxrc` is for initrds; the others are replaced by committed files.
 const SKIPPED_APPLETS: [&str; 2] = ["bin/busybox", "linuxrc"];
 
+/// Where the compiled `rootfs/grove-init.c` goes.
+const INIT: &str = "sbin/init";
+
+/// Compiles the tiny init: freestanding, static, no libc, reproducible (no build id).
+fn compile_init(cc: &Path, work: &Path, source: &[u8]) -> Result<Vec<u8>, ImagesError> {
+    let src = work.join("grove-init.c");
+    let bin = work.join("grove-init");
+    cmd::write_file(&src, source)?;
+    cmd::run_captured(
+        Command::new(cc)
+            .args([
+                "-Os",
+                "-static",
+                "-nostdlib",
+                "-ffreestanding",
+                "-fno-stack-protector",
+                "-fno-asynchronous-unwind-tables",
+                "-fcf-protection=none",
+                "-fno-pic",
+                "-no-pie",
+                "-Wall",
+                "-Werror",
+                "-Wl,--build-id=none",
+                "-o",
+            ])
+            .arg(&bin)
+            .arg(&src),
+        "compiling the init (rootfs/grove-init.c)",
+    )?;
+    fs::read(&bin).map_err(|e| ImagesError::io("read", &bin, e))
+}
+
 /// Programs used by the root filesystem build.
 pub(crate) struct Tools {
+    cc: PathBuf,
     dpkg_deb: PathBuf,
     tar: PathBuf,
     mkfs: PathBuf,
@@ -62,6 +96,7 @@ pub(crate) struct Tools {
 pub(crate) fn check_tools() -> Result<Tools, ImagesError> {
     cmd::require_tool("apt-get", "apt")?;
     Ok(Tools {
+        cc: cmd::require_tool("cc", "gcc")?,
         dpkg_deb: cmd::require_tool("dpkg-deb", "dpkg")?,
         tar: cmd::require_tool("tar", "tar")?,
         mkfs: cmd::require_tool("mkfs.ext4", "e2fsprogs")?,
@@ -78,7 +113,9 @@ pub(crate) fn is_complete(dir: &Path) -> bool {
 /// Where a committed `rootfs/...` input goes in the image, with its mode.
 fn destinations(input: &str) -> Result<Vec<(String, u32)>, ImagesError> {
     match input {
-        "rootfs/init" => Ok(vec![("sbin/init".to_owned(), 0o755)]),
+        // Compiled by `compile_init`: the contents staged are the binary, not the source.
+        "rootfs/grove-init.c" => Ok(vec![(INIT.to_owned(), 0o755)]),
+        "rootfs/rc" => Ok(vec![("etc/grove/rc".to_owned(), 0o755)]),
         "rootfs/poweroff" => Ok(vec![
             ("sbin/poweroff".to_owned(), 0o755),
             ("sbin/halt".to_owned(), 0o755),
@@ -181,8 +218,13 @@ pub(crate) fn build(
         "rootfs: staging busybox, {links} applet links, {} committed files",
         inputs.len()
     ));
+    let init_source = inputs
+        .iter()
+        .find(|i| i.path == "rootfs/grove-init.c")
+        .ok_or_else(|| ImagesError::Unexpected("images/rootfs/grove-init.c is missing".into()))?;
+    let init = compile_init(&tools.cc, &work, init_source.contents)?;
     let root = work.join("root");
-    stage(&root, &entries, &busybox_bin, &inputs)?;
+    stage(&root, &entries, &busybox_bin, &init, &inputs)?;
 
     let image = work.join(IMAGE);
     progress(format_args!(
@@ -232,6 +274,7 @@ fn stage(
     root: &Path,
     entries: &BTreeMap<String, Entry>,
     busybox: &Path,
+    init: &[u8],
     inputs: &[Input],
 ) -> Result<(), ImagesError> {
     cmd::create_dir_all(root)?;
@@ -243,6 +286,7 @@ fn stage(
     }
     let busybox_bytes = fs::read(busybox).map_err(|e| ImagesError::io("read", busybox, e))?;
     contents.insert("bin/busybox".to_owned(), &busybox_bytes);
+    contents.insert(INIT.to_owned(), init);
 
     // BTreeMap order puts every directory before the paths below it.
     for (rel, entry) in entries {
@@ -381,8 +425,8 @@ mod tests {
     fn committed_files_win_over_applets() {
         let inputs = [
             Input {
-                path: "rootfs/init",
-                contents: b"#!/bin/sh\n",
+                path: "rootfs/grove-init.c",
+                contents: b"void grove_init(void) {}\n",
             },
             Input {
                 path: "rootfs/poweroff",
@@ -428,7 +472,10 @@ mod tests {
         for input in inputs::rootfs() {
             destinations(input.path).expect("mapped");
         }
-        assert!(inputs::rootfs().iter().any(|i| i.path == "rootfs/init"));
+        assert!(inputs::rootfs()
+            .iter()
+            .any(|i| i.path == "rootfs/grove-init.c"));
+        assert!(inputs::rootfs().iter().any(|i| i.path == "rootfs/rc"));
     }
 
     #[test]
