@@ -5,12 +5,16 @@
 //!   the VMM's exit after the guest's immediate reset (`grove.bench=boot`).
 //! - `memory`: the VMM's own memory: resident set minus the guest memory the guest touched.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use grove_integration::{boot_time_ms, build_release_vmm, images, VmProcess, BOOT_TIMEOUT};
+use grove_integration::{
+    boot_time_ms, build_release_vmm, images, TempDir, VmProcess, BOOT_TIMEOUT,
+};
+use vmm::control::client::ControlClient;
+use vmm::control::protocol::{Request, Response, SnapshotInfo, SnapshotRequest};
 
 #[derive(Parser)]
 #[command(name = "grove-bench", about = "Grove benchmarks")]
@@ -42,6 +46,25 @@ enum Bench {
         #[arg(long, default_value_t = 128)]
         memory: u64,
     },
+    /// Snapshot creation time and pause length of the running default image, per guest size.
+    Snapshot {
+        /// Guest sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "128,512,1024")]
+        sizes: Vec<u64>,
+    },
+    /// Restore latency (process start -> vCPUs running, -> first guest console output) and
+    /// the resident memory of concurrent clones of one snapshot.
+    Restore {
+        /// Number of sequential restores timed.
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+        /// Concurrent clones whose memory is measured.
+        #[arg(long, default_value_t = 10)]
+        clones: u32,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u64,
+    },
 }
 
 fn host_description() -> String {
@@ -54,7 +77,9 @@ fn host_description() -> String {
                 .map(|s| s.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let kvm = if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         "PVM nested KVM (guest kernel mode emulated)"
     } else {
@@ -73,7 +98,7 @@ fn stats(values: &mut [f64]) -> (f64, f64, f64) {
     (values[0], median, values[values.len() - 1])
 }
 
-fn bench_boot(vmm: &PathBuf, runs: u32, memory: u64, vcpus: u8, bzimage: bool) -> anyhow::Result<()> {
+fn bench_boot(vmm: &Path, runs: u32, memory: u64, vcpus: u8, bzimage: bool) -> anyhow::Result<()> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
@@ -152,7 +177,7 @@ fn rss_split(pid: u32, guest_kb: u64) -> anyhow::Result<(u64, u64)> {
     Ok((total, guest))
 }
 
-fn bench_memory(vmm: &PathBuf, memory: u64) -> anyhow::Result<()> {
+fn bench_memory(vmm: &Path, memory: u64) -> anyhow::Result<()> {
     let set = images();
     let mut vm = VmProcess::spawn(
         vmm,
@@ -166,7 +191,8 @@ fn bench_memory(vmm: &PathBuf, memory: u64) -> anyhow::Result<()> {
             memory.to_string(),
         ],
     );
-    vm.wait_for("GROVE-INIT-READY", BOOT_TIMEOUT).map_err(anyhow::Error::msg)?;
+    vm.wait_for("GROVE-INIT-READY", BOOT_TIMEOUT)
+        .map_err(anyhow::Error::msg)?;
     // Let the guest settle at its shell prompt.
     std::thread::sleep(Duration::from_secs(2));
     let (total_kb, guest_kb) = rss_split(vm.pid(), memory * 1024)?;
@@ -185,6 +211,177 @@ fn bench_memory(vmm: &PathBuf, memory: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Boots the default image with a control socket and waits for its shell.
+fn boot_with_control(vmm: &Path, memory: u64, sock: &Path) -> anyhow::Result<VmProcess> {
+    let set = images();
+    let mut vm = VmProcess::spawn(
+        vmm,
+        [
+            "run".to_string(),
+            "--kernel".into(),
+            set.vmlinux.display().to_string(),
+            "--rootfs".into(),
+            format!("{},ro", set.rootfs.display()),
+            "--memory".into(),
+            memory.to_string(),
+            "--control".into(),
+            sock.display().to_string(),
+        ],
+    );
+    vm.wait_for("GROVE-INIT-READY", BOOT_TIMEOUT)
+        .map_err(anyhow::Error::msg)?;
+    Ok(vm)
+}
+
+fn control(sock: &Path) -> anyhow::Result<ControlClient> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match ControlClient::connect(sock) {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+fn take_snapshot(client: &mut ControlClient, dir: &Path) -> anyhow::Result<SnapshotInfo> {
+    let req = SnapshotRequest {
+        dir: dir.to_path_buf(),
+        kind: Default::default(),
+        parent: None,
+        resume: true,
+    };
+    match client.request(Request::Snapshot(req))? {
+        Response::Snapshot(info) => Ok(info),
+        other => bail!("snapshot failed: {other:?}"),
+    }
+}
+
+fn bench_snapshot(vmm: &Path, sizes: &[u64]) -> anyhow::Result<()> {
+    let work = TempDir::new("bench-snapshot");
+    println!("host: {}", host_description());
+    for &mib in sizes {
+        let sock = work.path().join(format!("vm{mib}.sock"));
+        let mut vm = boot_with_control(vmm, mib, &sock)?;
+        // A freshly booted guest: filling its memory from inside would take many minutes
+        // under PVM's emulated kernel, so untouched RAM stays zero (holes in the file).
+        let _ = &mut vm;
+        let mut client = control(&sock)?;
+        let info = take_snapshot(&mut client, &work.path().join(format!("snap{mib}")))?;
+        println!(
+            "{mib} MiB guest (freshly booted): snapshot {:.1} ms total, VM paused {:.1} ms, memory file {} MiB",
+            info.total_ms,
+            info.pause_ms,
+            info.memory_bytes >> 20
+        );
+        let _ = client.request(Request::Shutdown);
+        let _ = vm.wait_exit(Duration::from_secs(60));
+    }
+    println!(
+        "reproduce: cargo run --release -p grove-benches -- snapshot --sizes {}",
+        sizes
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    Ok(())
+}
+
+/// Parses "vCPUs running: X ms after VMM start".
+fn vcpus_running_ms(log: &str) -> Option<f64> {
+    let line = log.lines().find(|l| l.contains("vCPUs running:"))?;
+    line.split("vCPUs running:")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn bench_restore(vmm: &Path, runs: u32, clones: u32, memory: u64) -> anyhow::Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let work = TempDir::new("bench-restore");
+    let sock = work.path().join("source.sock");
+    let mut source = boot_with_control(vmm, memory, &sock)?;
+    // A guest that prints continuously (shell builtins only), so the first console output
+    // after a restore comes right after its vCPUs run.
+    source.send_line("while :; do echo T; done > /dev/console &");
+    source.wait_for("T\nT", Duration::from_secs(60)).ok();
+    let snap = work.path().join("snap");
+    let mut client = control(&sock)?;
+    take_snapshot(&mut client, &snap)?;
+    let _ = client.request(Request::Shutdown);
+    let _ = source.wait_exit(Duration::from_secs(60));
+
+    let mut to_running = Vec::new();
+    let mut to_output = Vec::new();
+    for run in 1..=runs {
+        let started = Instant::now();
+        let mut clone = VmProcess::spawn(
+            vmm,
+            ["restore", "--snapshot", snap.to_str().unwrap_or_default()],
+        );
+        clone
+            .wait_for("T", Duration::from_secs(60))
+            .map_err(anyhow::Error::msg)?;
+        let output_ms = started.elapsed().as_secs_f64() * 1e3;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let running = loop {
+            if let Some(ms) = vcpus_running_ms(&clone.log()) {
+                break ms;
+            }
+            if Instant::now() > deadline {
+                bail!("run {run}: no 'vCPUs running' line: {}", clone.log());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        println!("run {run}: vCPUs running {running:.2} ms after VMM start, first console output {output_ms:.1} ms after spawn");
+        to_running.push(running);
+        to_output.push(output_ms);
+        drop(clone);
+    }
+
+    // Concurrent clones: resident memory beyond the guest pages each one maps.
+    let mut vms: Vec<VmProcess> = (0..clones)
+        .map(|_| {
+            VmProcess::spawn(
+                vmm,
+                ["restore", "--snapshot", snap.to_str().unwrap_or_default()],
+            )
+        })
+        .collect();
+    for vm in &mut vms {
+        vm.wait_for("T", Duration::from_secs(120))
+            .map_err(anyhow::Error::msg)?;
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let mut overheads = Vec::new();
+    let mut guest_rss = Vec::new();
+    for vm in &vms {
+        let (total, guest) = rss_split(vm.pid(), memory * 1024)?;
+        overheads.push(total.saturating_sub(guest) as f64 / 1024.0);
+        guest_rss.push(guest as f64 / 1024.0);
+    }
+    drop(vms);
+
+    let (rmin, rmed, rmax) = stats(&mut to_running);
+    let (omin, omed, omax) = stats(&mut to_output);
+    let (vmin, vmed, vmax) = stats(&mut overheads);
+    let (_, gmed, _) = stats(&mut guest_rss);
+    println!("host: {}", host_description());
+    println!("guest: default image, {memory} MiB, 1 vCPU, printing continuously");
+    println!("restore, process start -> vCPUs running: min {rmin:.2} ms, median {rmed:.2} ms, max {rmax:.2} ms over {runs} runs");
+    println!("restore, spawn -> first console output:  min {omin:.1} ms, median {omed:.1} ms, max {omax:.1} ms");
+    println!(
+        "{clones} concurrent clones: VMM memory beyond the guest pages each maps: min {vmin:.2} MiB, median {vmed:.2} MiB, max {vmax:.2} MiB (guest pages mapped, median {gmed:.1} MiB, shared page cache)"
+    );
+    println!("reproduce: cargo run --release -p grove-benches -- restore --runs {runs} --clones {clones} --memory {memory}");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let vmm = build_release_vmm()?;
@@ -196,5 +393,11 @@ fn main() -> anyhow::Result<()> {
             bzimage,
         } => bench_boot(&vmm, runs, memory, vcpus, bzimage),
         Bench::Memory { memory } => bench_memory(&vmm, memory),
+        Bench::Snapshot { sizes } => bench_snapshot(&vmm, &sizes),
+        Bench::Restore {
+            runs,
+            clones,
+            memory,
+        } => bench_restore(&vmm, runs, clones, memory),
     }
 }

@@ -30,7 +30,8 @@ pub fn images() -> ImageSet {
         Ok(set) => set,
         Err(_) => {
             eprintln!("default images not built yet: building them (several minutes)");
-            grove_images::build_default(&cache).unwrap_or_else(|e| panic!("cannot build the default images: {e}"))
+            grove_images::build_default(&cache)
+                .unwrap_or_else(|e| panic!("cannot build the default images: {e}"))
         }
     }
 }
@@ -59,7 +60,15 @@ pub fn grove_vmm_bin() -> PathBuf {
 pub fn build_release_vmm() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--quiet", "--release", "-p", "vmm", "--bin", "grove-vmm"])
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "vmm",
+            "--bin",
+            "grove-vmm",
+        ])
         .status()?;
     anyhow::ensure!(status.success(), "cargo build -p vmm failed");
     let exe = std::env::current_exe()?;
@@ -130,7 +139,9 @@ fn pump(mut from: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) {
             if n == 0 {
                 break;
             }
-            into.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&buf[..n]);
+            into.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(&buf[..n]);
         }
     });
 }
@@ -166,7 +177,8 @@ impl VmProcess {
 
     /// Everything the guest printed so far.
     pub fn console(&self) -> String {
-        String::from_utf8_lossy(&self.console.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+        String::from_utf8_lossy(&self.console.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_owned()
     }
 
     /// Everything the VMM logged so far.
@@ -205,7 +217,9 @@ impl VmProcess {
     /// Types `line` and a newline on the guest console.
     pub fn send_line(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
-        stdin.write_all(line.as_bytes()).expect("write console input");
+        stdin
+            .write_all(line.as_bytes())
+            .expect("write console input");
         stdin.write_all(b"\n").expect("write console input");
         stdin.flush().expect("flush console input");
     }
@@ -231,7 +245,11 @@ impl VmProcess {
     }
 
     fn report(&self, what: &str) -> String {
-        format!("{what}\n--- console ---\n{}\n--- vmm log ---\n{}", self.console(), self.log())
+        format!(
+            "{what}\n--- console ---\n{}\n--- vmm log ---\n{}",
+            self.console(),
+            self.log()
+        )
     }
 }
 

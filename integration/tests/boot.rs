@@ -27,7 +27,13 @@ fn expect(vm: &mut VmProcess, needle: &str, timeout: Duration) {
 
 fn expect_exit_zero(vm: &mut VmProcess) {
     match vm.wait_exit(COMMAND_TIMEOUT) {
-        Ok(status) => assert_eq!(status.code(), Some(0), "console:\n{}\nlog:\n{}", vm.console(), vm.log()),
+        Ok(status) => assert_eq!(
+            status.code(),
+            Some(0),
+            "console:\n{}\nlog:\n{}",
+            vm.console(),
+            vm.log()
+        ),
         Err(report) => panic!("{report}"),
     }
 }
@@ -55,7 +61,11 @@ fn disk_writes_survive_poweroff_and_reboot_exits_zero() {
 
     let mut vm = boot(&args);
     expect(&mut vm, READY, BOOT_TIMEOUT);
-    assert!(boot_time_ms(&vm.log()).is_some(), "boot-complete port was hit: {}", vm.log());
+    assert!(
+        boot_time_ms(&vm.log()).is_some(),
+        "boot-complete port was hit: {}",
+        vm.log()
+    );
     // Markers use shell arithmetic so the echoed command line never matches them.
     vm.send_line(&format!(
         "mount /dev/vdb /mnt && echo persisted-{nonce} > /mnt/hello && umount /mnt && echo WROTE-$((40+2))"
@@ -95,7 +105,9 @@ fn two_vcpus_are_both_online() {
     ];
     let mut vm = boot(&args);
     expect(&mut vm, READY, BOOT_TIMEOUT);
-    vm.send_line("echo CPUS-$(cat /sys/devices/system/cpu/online)-$(grep -c ^processor /proc/cpuinfo)");
+    vm.send_line(
+        "echo CPUS-$(cat /sys/devices/system/cpu/online)-$(grep -c ^processor /proc/cpuinfo)",
+    );
     expect(&mut vm, "CPUS-0-1-2", COMMAND_TIMEOUT);
     vm.send_line("reboot -f");
     expect_exit_zero(&mut vm);

@@ -2,21 +2,26 @@
 //! can fail on bad input runs before the first vCPU does.
 
 use std::io::Write;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use linux_loader::cmdline::Cmdline;
 
 use crate::boot::{self, layout, BootError, KernelEntry};
 use crate::config::{host_memory_mib, ConfigError, VmConfig};
-use crate::device_manager::{DeviceError, DeviceManager, Devices};
+use crate::control::server::{ControlError, ControlServer};
+use crate::control::ControlHandler;
+use crate::device_manager::{reassert_interrupts, DeviceError, DeviceManager, Devices};
 use crate::devices::legacy::serial::ReadFd;
 use crate::devices::legacy::BootTimer;
 use crate::devices::virtio::block::BlockConfig;
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::exit::ExitNotifier;
-use crate::runtime::{Vmm, VmmError};
-use crate::vstate::cpuid::{self, CpuidError};
+use crate::runtime::{Vmm, VmmError, VmmShared};
+use crate::snapshot::cpu::{CpuCompatError, CpuInfo};
+use crate::snapshot::{self, SnapshotError, SnapshotState};
+use crate::vstate::cpuid::{self, CpuTemplate, CpuidError};
 use crate::vstate::kvm::{is_pvm_host, KvmContext, KvmError};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuHandle};
@@ -63,6 +68,36 @@ pub enum BuildError {
     EventFd(#[source] std::io::Error),
     #[error("cannot start the vCPUs")]
     Start(#[source] VmmError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    CpuCompat(#[from] CpuCompatError),
+    #[error("snapshot {path} is invalid: {reason}")]
+    BadSnapshot { path: String, reason: String },
+    #[error("--disk-override {0}: the snapshot has no disk with that id")]
+    UnknownDisk(String),
+}
+
+/// How to run a VM besides its configuration.
+#[derive(Debug, Default, Clone)]
+pub struct StartOptions {
+    /// Serve the control socket at this path.
+    pub control: Option<PathBuf>,
+}
+
+/// What `grove-vmm restore` takes.
+#[derive(Debug, Default, Clone)]
+pub struct RestoreOptions {
+    pub snapshot: PathBuf,
+    pub control: Option<PathBuf>,
+    /// (disk id, image) pairs: run on these images instead of the saved paths.
+    pub disk_overrides: Vec<(String, PathBuf)>,
+    /// Stay paused after the restore (resume through the control socket).
+    pub paused: bool,
+    /// Refuse the snapshot unless it was taken with this CPU template.
+    pub cpu_template: Option<CpuTemplate>,
 }
 
 /// Builds the VM described by `config` and starts it. `start` is when the VMM started, for
@@ -71,6 +106,16 @@ pub fn build_and_start(
     config: &VmConfig,
     console: ConsoleIo,
     start: Instant,
+) -> Result<Vmm, BuildError> {
+    build_and_start_with(config, console, start, &StartOptions::default())
+}
+
+/// [`build_and_start`] with options (the control socket).
+pub fn build_and_start_with(
+    config: &VmConfig,
+    console: ConsoleIo,
+    start: Instant,
+    options: &StartOptions,
 ) -> Result<Vmm, BuildError> {
     config.validate(host_memory_mib())?;
     let kvm = KvmContext::open()?;
@@ -106,15 +151,208 @@ pub fn build_and_start(
     boot::configure_system(&memory, &kernel, &cmdline, initrd, config.vcpus)?;
 
     let devices = devices.into_devices();
-    let vcpus = setup_vcpus(config, &kvm, &vm, &kernel, &devices, &exit, pvm)?;
-    let event_loop = EventLoop::start(devices.subscribers)?;
+    let supported = kvm.supported_cpuid()?;
+    let vcpus = setup_vcpus(config, &kvm, &supported, &vm, &kernel, &devices, &exit, pvm)?;
+    let cpu = CpuInfo {
+        template: config.cpu_template,
+        vendor: snapshot::cpu::vendor(supported.as_slice()),
+        pvm,
+    };
+    let parts = Launch {
+        vm,
+        devices,
+        vcpus,
+        exit,
+        boot_timer,
+        config: config.clone(),
+        cpu,
+        start,
+    };
+    launch(parts, options.control.as_deref(), false)
+}
+
+/// Everything a built or restored VM needs to start running.
+struct Launch {
+    vm: Vm,
+    devices: Devices,
+    vcpus: Vec<Vcpu>,
+    exit: Arc<ExitNotifier>,
+    boot_timer: Arc<BootTimer>,
+    config: VmConfig,
+    cpu: CpuInfo,
+    start: Instant,
+}
+
+/// Binds the control socket, starts the event loop and the vCPU threads (paused), then
+/// resumes them unless asked to stay paused.
+fn launch(parts: Launch, control: Option<&Path>, paused: bool) -> Result<Vmm, BuildError> {
+    let Launch {
+        vm,
+        mut devices,
+        vcpus,
+        exit,
+        boot_timer,
+        config,
+        cpu,
+        start,
+    } = parts;
+    let mut subscribers = std::mem::take(&mut devices.subscribers);
+    let shared = Arc::new(VmmShared::new(
+        exit, boot_timer, devices, config, cpu, start, vm,
+    ));
+    if let Some(path) = control {
+        let handler: Arc<dyn ControlHandler> = shared.clone();
+        subscribers.push(Arc::new(Mutex::new(ControlServer::bind(path, handler)?)));
+    }
+    let event_loop = EventLoop::start(subscribers)?;
     let handles = vcpus
         .into_iter()
         .map(Vcpu::start)
         .collect::<Result<Vec<VcpuHandle>, _>>()?;
-    let vmm = Vmm::new(handles, event_loop, exit, boot_timer, devices.blocks, vm);
-    vmm.resume().map_err(BuildError::Start)?;
+    shared.set_vcpus(handles);
+    let vmm = Vmm::new(shared, event_loop);
+    if !paused {
+        vmm.resume().map_err(BuildError::Start)?;
+        // Stable format: the restore benchmark parses this line.
+        log::info!(
+            "vCPUs running: {:.3} ms after VMM start",
+            start.elapsed().as_secs_f64() * 1000.0
+        );
+    }
     Ok(vmm)
+}
+
+/// Restores the snapshot in `options.snapshot` and starts it. Every check (state file,
+/// memory file, CPU compatibility, devices and disks) runs before the first vCPU exists.
+pub fn restore(
+    options: &RestoreOptions,
+    console: ConsoleIo,
+    start: Instant,
+) -> Result<Vmm, BuildError> {
+    let dir = &options.snapshot;
+    let state = snapshot::read_state(dir)?;
+    check_state(dir, &state)?;
+    let memory_file = dir.join(snapshot::MEMORY_FILE);
+    snapshot::memory::verify(&memory_file, &state.memory).map_err(SnapshotError::from)?;
+    let disk_overrides = resolve_overrides(&state.config, &options.disk_overrides)?;
+
+    let kvm = KvmContext::open()?;
+    kvm.check_vcpu_count(state.vcpus.len())?;
+    let supported = kvm.supported_cpuid()?;
+    snapshot::cpu::check(
+        &state.cpu,
+        &state.vcpus[0].cpuid,
+        &supported,
+        options.cpu_template,
+    )?;
+
+    let memory = snapshot::memory::map(&memory_file, &state.memory).map_err(SnapshotError::from)?;
+    let vm = Vm::new(&kvm, &memory)?;
+    let exit = Arc::new(ExitNotifier::new().map_err(BuildError::EventFd)?);
+    let boot_timer = BootTimer::new(start);
+    let devices = DeviceManager::restore(
+        &vm,
+        &state.devices,
+        console,
+        exit.clone(),
+        boot_timer.clone(),
+        &disk_overrides,
+    )?
+    .into_devices();
+
+    // Order: vCPUs exist before the VM-wide state (the in-kernel LAPICs belong to them),
+    // then the VM state (PIT, kvmclock, PIC/IOAPIC), then each vCPU's own state.
+    let msr_list = Arc::new(kvm.msr_index_list()?);
+    let pio = Arc::new(devices.pio.clone());
+    let mmio = Arc::new(devices.mmio.clone());
+    let mut vcpus = (0..state.config.vcpus)
+        .map(|index| {
+            Vcpu::new(
+                &vm,
+                index,
+                pio.clone(),
+                mmio.clone(),
+                exit.clone(),
+                msr_list.clone(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    vm.restore_state(&state.vm)?;
+    for (vcpu, saved) in vcpus.iter_mut().zip(&state.vcpus) {
+        vcpu.restore_state(saved)?;
+    }
+    // Restoring the kvmclock MSRs makes KVM rewrite its structures in guest memory; put the
+    // snapshot's bytes back so the guest starts from exactly the saved memory.
+    for saved in &state.vcpus {
+        for (gpa, len) in crate::vstate::vcpu_state::kvm_written_areas(saved) {
+            snapshot::memory::rewind(&memory, &memory_file, &state.memory, gpa, len)
+                .map_err(SnapshotError::from)?;
+        }
+    }
+    // An interrupt raised just before the snapshot may be missing from the saved interrupt
+    // controllers; raising it again is harmless, losing it would leave a driver waiting.
+    reassert_interrupts(&devices).map_err(BuildError::EventFd)?;
+    let parts = Launch {
+        vm,
+        devices,
+        vcpus,
+        exit,
+        boot_timer,
+        config: state.config,
+        cpu: state.cpu,
+        start,
+    };
+    launch(parts, options.control.as_deref(), options.paused)
+}
+
+/// The state file is untrusted: its shape must match before anything is built from it.
+fn check_state(dir: &Path, state: &SnapshotState) -> Result<(), BuildError> {
+    let bad = |reason: String| BuildError::BadSnapshot {
+        path: dir.display().to_string(),
+        reason,
+    };
+    state
+        .config
+        .validate(None)
+        .map_err(|e| bad(format!("its configuration: {e}")))?;
+    if state.vcpus.len() != usize::from(state.config.vcpus) {
+        return Err(bad(format!(
+            "{} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            state.config.vcpus
+        )));
+    }
+    for (i, vcpu) in state.vcpus.iter().enumerate() {
+        if usize::from(vcpu.index) != i {
+            return Err(bad(format!("vCPU state {i} is for vCPU {}", vcpu.index)));
+        }
+    }
+    let ram: u64 = state.memory.regions.iter().map(|r| r.size).sum();
+    if ram != state.config.memory_mib << 20 {
+        return Err(bad(format!(
+            "{ram} bytes of memory for a {} MiB VM",
+            state.config.memory_mib
+        )));
+    }
+    Ok(())
+}
+
+/// Maps `--disk-override ID=PATH` to disk indexes (disk ids default to `diskN`).
+fn resolve_overrides(
+    config: &VmConfig,
+    overrides: &[(String, PathBuf)],
+) -> Result<Vec<(usize, PathBuf)>, BuildError> {
+    overrides
+        .iter()
+        .map(|(id, path)| {
+            config
+                .all_disks()
+                .enumerate()
+                .position(|(i, d)| d.id.clone().unwrap_or_else(|| format!("disk{i}")) == *id)
+                .map(|i| (i, path.clone()))
+                .ok_or_else(|| BuildError::UnknownDisk(id.clone()))
+        })
+        .collect()
 }
 
 fn setup_devices(
@@ -177,22 +415,31 @@ fn build_cmdline(
     Ok(cmdline)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn setup_vcpus(
     config: &VmConfig,
     kvm: &KvmContext,
+    supported: &kvm_bindings::CpuId,
     vm: &Vm,
     kernel: &KernelEntry,
     devices: &Devices,
     exit: &Arc<ExitNotifier>,
     pvm: bool,
 ) -> Result<Vec<Vcpu>, BuildError> {
-    let supported = kvm.supported_cpuid()?;
+    let msr_list = Arc::new(kvm.msr_index_list()?);
     let pio = Arc::new(devices.pio.clone());
     let mmio = Arc::new(devices.mmio.clone());
     (0..config.vcpus)
         .map(|index| {
-            let vcpu = Vcpu::new(vm, index, pio.clone(), mmio.clone(), exit.clone())?;
-            let cpuid = cpuid::build(&supported, config.cpu_template, index, config.vcpus, pvm)?;
+            let mut vcpu = Vcpu::new(
+                vm,
+                index,
+                pio.clone(),
+                mmio.clone(),
+                exit.clone(),
+                msr_list.clone(),
+            )?;
+            let cpuid = cpuid::build(supported, config.cpu_template, index, config.vcpus, pvm)?;
             vcpu.configure(&cpuid, kernel)?;
             if index == 0 && !vcpu.cpuid_applied(&cpuid)? {
                 log::info!(

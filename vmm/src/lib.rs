@@ -8,6 +8,7 @@
 pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod control;
 pub mod device_manager;
 pub mod devices;
 pub mod event_loop;

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use vmm::builder::{RestoreOptions, StartOptions};
 use vmm::vstate::cpuid::CpuTemplate;
 use vmm::{ConsoleIo, DiskConfig, VmConfig};
 use vmm_sys_util::terminal::Terminal;
@@ -26,6 +27,31 @@ struct Cli {
 enum Command {
     /// Boot a VM and run it until the guest resets or powers off.
     Run(RunArgs),
+    /// Start a VM from a snapshot directory and run it until the guest resets.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// Snapshot directory (written by the control socket's `snapshot` request).
+    #[arg(long, value_name = "DIR")]
+    snapshot: PathBuf,
+    /// Serve the control socket at this path.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Run a disk on another image (repeatable): ID=PATH, where ID is the disk's id
+    /// (disk0 is the root filesystem, then disk1, ... unless the config named them).
+    #[arg(long, value_name = "ID=PATH")]
+    disk_override: Vec<String>,
+    /// Write the guest console to this file instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    serial: Option<PathBuf>,
+    /// Stay paused after restoring (resume through the control socket).
+    #[arg(long)]
+    paused: bool,
+    /// Refuse the snapshot unless it was taken with this CPU template.
+    #[arg(long, value_name = "NAME")]
+    cpu_template: Option<CpuTemplate>,
 }
 
 #[derive(Args)]
@@ -64,6 +90,9 @@ struct RunArgs {
     /// Do not attach a virtio-rng device.
     #[arg(long)]
     no_rng: bool,
+    /// Serve the control socket (status, pause, resume, snapshot, ...) at this path.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 fn parse_disk(spec: &str) -> anyhow::Result<DiskConfig> {
@@ -109,8 +138,8 @@ impl RunArgs {
     }
 }
 
-fn console_io(config: &VmConfig) -> anyhow::Result<ConsoleIo> {
-    let output: Box<dyn Write + Send> = match &config.serial {
+fn console_io(serial: Option<&PathBuf>) -> anyhow::Result<ConsoleIo> {
+    let output: Box<dyn Write + Send> = match serial {
         Some(path) => Box::new(
             OpenOptions::new()
                 .create(true)
@@ -165,15 +194,50 @@ fn init_logging() {
 }
 
 fn run(args: RunArgs, start: Instant) -> ExitCode {
-    let setup = args.into_config().and_then(|config| {
-        let console = console_io(&config)?;
-        let raw = RawTerminal::enable();
-        let vmm = vmm::build_and_start(&config, console, start)?;
-        Ok((vmm, raw))
-    });
-    let (vmm, raw) = match setup {
+    let options = StartOptions {
+        control: args.control.clone(),
+    };
+    run_vm(move || {
+        let config = args.into_config()?;
+        let console = console_io(config.serial.as_ref())?;
+        Ok(vmm::builder::build_and_start_with(
+            &config, console, start, &options,
+        )?)
+    })
+}
+
+fn restore(args: RestoreArgs, start: Instant) -> ExitCode {
+    run_vm(move || {
+        let disk_overrides = args
+            .disk_override
+            .iter()
+            .map(|spec| match spec.split_once('=') {
+                Some((id, path)) if !id.is_empty() && !path.is_empty() => {
+                    Ok((id.to_string(), PathBuf::from(path)))
+                }
+                _ => bail!("--disk-override {spec:?}: expected ID=PATH"),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let options = RestoreOptions {
+            snapshot: args.snapshot,
+            control: args.control,
+            disk_overrides,
+            paused: args.paused,
+            cpu_template: args.cpu_template,
+        };
+        let console = console_io(args.serial.as_ref())?;
+        Ok(vmm::builder::restore(&options, console, start)?)
+    })
+}
+
+/// Builds a VM with `build`, runs it to its end, and turns the outcome into the exit code:
+/// 2 for anything that failed before the VM ran, otherwise the VM's own exit code.
+fn run_vm(build: impl FnOnce() -> anyhow::Result<vmm::Vmm>) -> ExitCode {
+    let raw = RawTerminal::enable();
+    let vmm = match build() {
         Ok(v) => v,
         Err(e) => {
+            drop(raw);
             eprintln!("grove-vmm: error: {e:#}");
             return ExitCode::from(2);
         }
@@ -213,5 +277,6 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run(args, start),
+        Command::Restore(args) => restore(args, start),
     }
 }

@@ -1,15 +1,25 @@
-//! A running VM: its vCPU threads, event loop and devices, with pause, resume and stop.
+//! A running VM: its vCPU threads, event loop and devices, with pause, resume, snapshot
+//! and stop. The state shared with the control socket lives in [`VmmShared`]; requests run
+//! on the event-loop thread, so no device processes a queue while a request is handled.
 
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
+use crate::config::VmConfig;
+use crate::control::protocol::{
+    ErrorCode, Request, Response, SnapshotInfo, SnapshotKind, SnapshotRequest, StatusInfo,
+    VmRunState,
+};
+use crate::control::ControlHandler;
+use crate::device_manager::{flush_disks, save_devices, Devices};
 use crate::devices::legacy::BootTimer;
-use crate::devices::virtio::block::Block;
 use crate::event_loop::EventLoop;
 use crate::exit::{ExitNotifier, VmExit};
+use crate::snapshot::{self, cpu::CpuInfo, SnapshotError, SnapshotState};
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuState};
-use crate::vstate::vm::Vm;
+use crate::vstate::vm::{Vm, VmError};
 
 /// Errors controlling a running VM.
 #[derive(Debug, thiserror::Error)]
@@ -22,44 +32,81 @@ pub enum VmmError {
         wanted: VcpuState,
         got: VcpuState,
     },
+    #[error("the VM has exited")]
+    Exited,
+    #[error("the VM must be paused for this")]
+    NotPaused,
+    #[error("diff snapshots are not supported yet")]
+    DiffUnsupported,
+    #[error("cannot flush the disks before the snapshot")]
+    Flush(#[source] std::io::Error),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
-/// A VM whose vCPU threads and event loop are running.
-pub struct Vmm {
-    vcpus: Vec<VcpuHandle>,
-    event_loop: EventLoop,
+/// What the VMM and its control socket share.
+pub struct VmmShared {
+    /// Held for the whole of each lifecycle operation (pause, resume, snapshot, digest), so
+    /// they never interleave: a snapshot decides whether to pause and saves under one lock.
+    lifecycle: Mutex<()>,
+    vcpus: Mutex<Vec<VcpuHandle>>,
+    run_state: Mutex<VmRunState>,
     exit: Arc<ExitNotifier>,
     boot_timer: Arc<BootTimer>,
-    blocks: Vec<Arc<Mutex<Block>>>,
+    devices: Devices,
+    config: VmConfig,
+    cpu: CpuInfo,
+    started: Instant,
     // Dropped last: the VM owns the memory slots the vCPUs run on.
     vm: Vm,
 }
 
-impl Vmm {
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl VmmShared {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        vcpus: Vec<VcpuHandle>,
-        event_loop: EventLoop,
         exit: Arc<ExitNotifier>,
         boot_timer: Arc<BootTimer>,
-        blocks: Vec<Arc<Mutex<Block>>>,
+        devices: Devices,
+        config: VmConfig,
+        cpu: CpuInfo,
+        started: Instant,
         vm: Vm,
     ) -> Self {
         Self {
-            vcpus,
-            event_loop,
+            lifecycle: Mutex::new(()),
+            vcpus: Mutex::new(Vec::new()),
+            run_state: Mutex::new(VmRunState::Paused),
             exit,
             boot_timer,
-            blocks,
+            devices,
+            config,
+            cpu,
+            started,
             vm,
         }
     }
 
+    /// Hands the started (paused) vCPU threads over.
+    pub(crate) fn set_vcpus(&self, vcpus: Vec<VcpuHandle>) {
+        *lock(&self.vcpus) = vcpus;
+    }
+
     /// Sends `event` to every vCPU, then waits until each reports `wanted` (or has exited).
-    fn broadcast(&self, event: VcpuEvent, wanted: VcpuState) -> Result<(), VmmError> {
-        for vcpu in &self.vcpus {
+    fn broadcast(
+        vcpus: &[VcpuHandle],
+        event: VcpuEvent,
+        wanted: VcpuState,
+    ) -> Result<(), VmmError> {
+        for vcpu in vcpus {
             vcpu.send(event)?;
         }
-        for vcpu in &self.vcpus {
+        for vcpu in vcpus {
             let got = vcpu.wait_state(event)?;
             if got != wanted && got != VcpuState::Exited {
                 return Err(VmmError::UnexpectedState {
@@ -72,58 +119,273 @@ impl Vmm {
         Ok(())
     }
 
+    fn set_state(
+        &self,
+        event: VcpuEvent,
+        wanted: VcpuState,
+        state: VmRunState,
+    ) -> Result<(), VmmError> {
+        if self.exit.is_requested() {
+            return Err(VmmError::Exited);
+        }
+        let vcpus = lock(&self.vcpus);
+        Self::broadcast(&vcpus, event, wanted)?;
+        *lock(&self.run_state) = state;
+        Ok(())
+    }
+
+    /// vCPUs first (no new notifications), then device processing.
+    fn pause_locked(&self) -> Result<(), VmmError> {
+        self.set_state(VcpuEvent::Pause, VcpuState::Paused, VmRunState::Paused)?;
+        self.devices.gate.set_closed(true);
+        Ok(())
+    }
+
+    /// Devices first, kicking every queue so requests deferred while paused are served, then
+    /// the vCPUs.
+    fn resume_locked(&self) -> Result<(), VmmError> {
+        self.devices.gate.set_closed(false);
+        for slot in &self.devices.virtio {
+            let device = slot.device.as_virtio();
+            let device = lock(&device);
+            for evt in device.queue_events() {
+                if let Err(e) = evt.write(1) {
+                    log::warn!("cannot kick a virtio queue on resume: {e}");
+                }
+            }
+        }
+        self.set_state(VcpuEvent::Resume, VcpuState::Running, VmRunState::Running)
+    }
+
     /// Stops every vCPU at an instruction boundary; returns when all have stopped.
     pub fn pause(&self) -> Result<(), VmmError> {
-        self.broadcast(VcpuEvent::Pause, VcpuState::Paused)
+        let _op = lock(&self.lifecycle);
+        self.pause_locked()
     }
 
     /// Lets every vCPU run again.
     pub fn resume(&self) -> Result<(), VmmError> {
-        self.broadcast(VcpuEvent::Resume, VcpuState::Running)
+        let _op = lock(&self.lifecycle);
+        self.resume_locked()
     }
 
-    /// Asks the VM to stop; [`wait`](Self::wait) then returns [`VmExit::Stopped`].
-    pub fn stop(&self) {
-        self.exit.notify(VmExit::Stopped);
+    pub fn run_state(&self) -> VmRunState {
+        if self.exit.is_requested() {
+            VmRunState::Exited
+        } else {
+            *lock(&self.run_state)
+        }
     }
 
-    /// A handle other threads can use to stop the VM or wait for its exit.
-    pub fn exit_notifier(&self) -> Arc<ExitNotifier> {
-        self.exit.clone()
-    }
-
-    /// Time from VMM start to the guest's boot-complete signal, once it came.
-    pub fn boot_time(&self) -> Option<Duration> {
-        self.boot_timer.boot_time()
-    }
-
-    /// Guest memory, for inspection (tests, digests).
     pub fn memory(&self) -> &GuestMemoryMmap {
         self.vm.memory()
     }
 
+    /// BLAKE3 of all guest memory; only while paused, so the answer describes one instant.
+    pub fn memory_digest(&self) -> Result<String, VmmError> {
+        let _op = lock(&self.lifecycle);
+        if self.run_state() != VmRunState::Paused {
+            return Err(VmmError::NotPaused);
+        }
+        Ok(snapshot::memory::digest(self.memory()).map_err(SnapshotError::from)?)
+    }
+
+    /// Writes a full snapshot to `req.dir`. The VM is paused for the whole operation (and
+    /// resumed afterwards if it was running and `req.resume` is set).
+    pub fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotInfo, VmmError> {
+        if req.kind == SnapshotKind::Diff {
+            return Err(VmmError::DiffUnsupported);
+        }
+        let t0 = Instant::now();
+        let _op = lock(&self.lifecycle);
+        let was_running = self.run_state() == VmRunState::Running;
+        if was_running {
+            self.pause_locked()?;
+        }
+        let paused_at = Instant::now();
+        let result = self.write_snapshot(&req.dir);
+        let mut pause = paused_at.elapsed();
+        if was_running && req.resume {
+            self.resume_locked()?;
+            pause = paused_at.elapsed();
+        }
+        let memory_bytes = result?;
+        Ok(SnapshotInfo {
+            dir: req.dir.clone(),
+            kind: SnapshotKind::Full,
+            pause_ms: ms(pause),
+            total_ms: ms(t0.elapsed()),
+            memory_bytes,
+        })
+    }
+
+    /// Saves everything into `dir` atomically. Save order: devices first, then vCPUs and
+    /// the VM. Devices go first because saving a device can complete work in flight (the
+    /// disks are flushed, a queue's used ring is final) and may raise an interrupt; the
+    /// interrupt controllers and vCPUs saved afterwards then include it, so no interrupt is
+    /// lost between the two.
+    fn write_snapshot(&self, dir: &Path) -> Result<u64, VmmError> {
+        flush_disks(&self.devices).map_err(VmmError::Flush)?;
+        let devices = save_devices(&self.devices);
+        let vcpus = {
+            let handles = lock(&self.vcpus);
+            handles
+                .iter()
+                .map(VcpuHandle::save_state)
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let vm = self.vm.save_state()?;
+        let memory = self.memory();
+        let written = snapshot::write_atomically(dir, |tmp| {
+            let memory_state = snapshot::memory::write(memory, &tmp.join(snapshot::MEMORY_FILE))?;
+            let bytes = memory_state.file_size;
+            let state = SnapshotState {
+                written_by: format!("grove-vmm {}", env!("CARGO_PKG_VERSION")),
+                config: self.config.clone(),
+                cpu: self.cpu.clone(),
+                memory: memory_state,
+                devices,
+                vcpus,
+                vm,
+            };
+            snapshot::format::write_file(&tmp.join(snapshot::STATE_FILE), &state)?;
+            Ok(bytes)
+        })?;
+        Ok(written)
+    }
+
+    fn status(&self) -> StatusInfo {
+        StatusInfo {
+            state: self.run_state(),
+            vcpus: self.config.vcpus,
+            memory_mib: self.config.memory_mib,
+            boot_time_ms: self.boot_timer.boot_time().map(ms),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+
+    /// Stops the vCPU threads (taking them out of the shared list first, so a control
+    /// request waiting for the list never waits for a joining thread).
+    fn join_vcpus(&self) {
+        let mut vcpus = std::mem::take(&mut *lock(&self.vcpus));
+        for vcpu in &mut vcpus {
+            vcpu.exit_and_join();
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn error_response(e: &VmmError) -> Response {
+    let code = match e {
+        VmmError::Exited | VmmError::NotPaused | VmmError::DiffUnsupported => {
+            ErrorCode::InvalidState
+        }
+        VmmError::Snapshot(SnapshotError::Exists(_)) => ErrorCode::BadRequest,
+        _ => ErrorCode::Failed,
+    };
+    // One line: the error and its causes.
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    Response::error(code, message)
+}
+
+impl ControlHandler for VmmShared {
+    fn handle(&self, request: Request) -> Response {
+        let result = match request {
+            Request::Status => return Response::Status(self.status()),
+            Request::Pause => self.pause().map(|()| Response::Ok),
+            Request::Resume => self.resume().map(|()| Response::Ok),
+            Request::Snapshot(req) => self.snapshot(&req).map(Response::Snapshot),
+            Request::Shutdown => {
+                // The main thread tears the VM down; this thread only asks.
+                self.exit.notify(VmExit::Stopped);
+                Ok(Response::Ok)
+            }
+            Request::MemoryDigest => self.memory_digest().map(|digest| Response::MemoryDigest {
+                algorithm: "blake3".into(),
+                digest,
+            }),
+        };
+        result.unwrap_or_else(|e| error_response(&e))
+    }
+}
+
+/// A VM whose vCPU threads and event loop are running.
+pub struct Vmm {
+    shared: Arc<VmmShared>,
+    event_loop: EventLoop,
+}
+
+impl Vmm {
+    pub(crate) fn new(shared: Arc<VmmShared>, event_loop: EventLoop) -> Self {
+        Self { shared, event_loop }
+    }
+
+    /// The state shared with the control socket.
+    pub fn shared(&self) -> &Arc<VmmShared> {
+        &self.shared
+    }
+
+    /// Stops every vCPU at an instruction boundary; returns when all have stopped.
+    pub fn pause(&self) -> Result<(), VmmError> {
+        self.shared.pause()
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&self) -> Result<(), VmmError> {
+        self.shared.resume()
+    }
+
+    /// Writes a full snapshot (see [`VmmShared::snapshot`]).
+    pub fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotInfo, VmmError> {
+        self.shared.snapshot(req)
+    }
+
+    /// Asks the VM to stop; [`wait`](Self::wait) then returns [`VmExit::Stopped`].
+    pub fn stop(&self) {
+        self.shared.exit.notify(VmExit::Stopped);
+    }
+
+    /// A handle other threads can use to stop the VM or wait for its exit.
+    pub fn exit_notifier(&self) -> Arc<ExitNotifier> {
+        self.shared.exit.clone()
+    }
+
+    /// Time from VMM start to the guest's boot-complete signal, once it came.
+    pub fn boot_time(&self) -> Option<Duration> {
+        self.shared.boot_timer.boot_time()
+    }
+
+    /// Guest memory, for inspection (tests, digests).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        self.shared.memory()
+    }
+
     pub fn vcpu_count(&self) -> usize {
-        self.vcpus.len()
+        usize::from(self.shared.config.vcpus)
     }
 
     /// Blocks until the VM exits (guest reset, error, or [`stop`](Self::stop)), then tears
     /// it down: vCPU threads joined, event loop stopped, disks flushed.
     pub fn wait(mut self) -> VmExit {
-        let reason = self.exit.wait();
+        let reason = self.shared.exit.wait();
         self.shutdown();
         reason
     }
 
     fn shutdown(&mut self) {
-        for vcpu in &mut self.vcpus {
-            vcpu.exit_and_join();
-        }
+        self.shared.join_vcpus();
         self.event_loop.stop();
-        for block in &self.blocks {
-            let block = block.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Err(e) = block.flush() {
-                log::error!("cannot flush a disk at exit: {e}");
-            }
+        if let Err(e) = flush_disks(&self.shared.devices) {
+            log::error!("cannot flush a disk at exit: {e}");
         }
     }
 }

@@ -42,7 +42,10 @@ fn ensure_packages() -> anyhow::Result<()> {
             missing.join(" ")
         );
     }
-    eprintln!("boot-default: installing host packages: {}", missing.join(" "));
+    eprintln!(
+        "boot-default: installing host packages: {}",
+        missing.join(" ")
+    );
     let ok = Command::new("apt-get").arg("update").status()?.success()
         && Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])

@@ -2,4 +2,6 @@
 
 pub mod bus;
 pub mod legacy;
+#[cfg(test)]
+pub(crate) mod persist_tests;
 pub mod virtio;

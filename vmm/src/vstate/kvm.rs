@@ -19,6 +19,10 @@ const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
     (Cap::MpState, "KVM_CAP_MP_STATE"),
     (Cap::VcpuEvents, "KVM_CAP_VCPU_EVENTS"),
+    // Snapshots: the complete FPU/XSAVE state, XCRs and debug registers.
+    (Cap::Xsave, "KVM_CAP_XSAVE"),
+    (Cap::Xcrs, "KVM_CAP_XCRS"),
+    (Cap::Debugregs, "KVM_CAP_DEBUGREGS"),
 ];
 
 /// Errors opening or checking KVM.
@@ -39,6 +43,8 @@ pub enum KvmError {
     MissingCapability(&'static str),
     #[error("{requested} vCPUs requested but this host's KVM allows at most {max}")]
     TooManyVcpus { requested: usize, max: usize },
+    #[error("cannot read the list of MSRs KVM saves")]
+    MsrList(#[source] vmm_sys_util::errno::Error),
     #[error("cannot read the CPUID KVM supports")]
     SupportedCpuid(#[source] vmm_sys_util::errno::Error),
 }
@@ -86,6 +92,16 @@ impl KvmContext {
             });
         }
         Ok(())
+    }
+
+    /// The MSRs KVM can save and restore for a vCPU.
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, KvmError> {
+        Ok(self
+            .kvm
+            .get_msr_index_list()
+            .map_err(KvmError::MsrList)?
+            .as_slice()
+            .to_vec())
     }
 
     /// CPUID leaves KVM can expose to a guest on this host.

@@ -20,6 +20,7 @@ use kvm_bindings::{kvm_run, CpuId, Msrs, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVEN
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::vcpu_state::{self, VcpuArchState, VcpuStateError};
 use super::vm::Vm;
 use crate::boot::{regs, KernelEntry};
 use crate::devices::bus::Bus;
@@ -70,6 +71,16 @@ pub enum VcpuError {
     NoAck { index: u8, event: VcpuEvent },
     #[error("vCPU {index} thread is gone")]
     ThreadGone { index: u8 },
+    #[error("vCPU {index} answered {got} to {event:?}")]
+    UnexpectedReply {
+        index: u8,
+        event: VcpuEvent,
+        got: &'static str,
+    },
+    #[error("vCPU {index} is running: pause it before saving its state")]
+    NotPaused { index: u8 },
+    #[error(transparent)]
+    State(#[from] VcpuStateError),
 }
 
 /// Commands to a vCPU thread.
@@ -77,8 +88,19 @@ pub enum VcpuError {
 pub enum VcpuEvent {
     Pause,
     Resume,
+    /// Read the complete vCPU state (only while paused); answered with a [`VcpuReply::Saved`].
+    Save,
     /// Leave the thread for good.
     Exit,
+}
+
+/// What a vCPU thread answers to an event.
+#[derive(Debug)]
+pub enum VcpuReply {
+    /// The state the thread is in after the event.
+    State(VcpuState),
+    /// The answer to [`VcpuEvent::Save`].
+    Saved(Box<Result<VcpuArchState, VcpuStateError>>),
 }
 
 /// States of a vCPU thread, reported back after each event.
@@ -192,6 +214,10 @@ pub struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: Arc<ExitNotifier>,
+    /// The MSRs to save (KVM's list), shared by all vCPUs.
+    msr_list: Arc<Vec<u32>>,
+    /// The CPUID table this vCPU was configured with (saved in snapshots).
+    cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
 }
 
 impl Vcpu {
@@ -201,6 +227,7 @@ impl Vcpu {
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         exit: Arc<ExitNotifier>,
+        msr_list: Arc<Vec<u32>>,
     ) -> Result<Self, VcpuError> {
         let fd = vm
             .fd()
@@ -212,7 +239,16 @@ impl Vcpu {
             pio,
             mmio,
             exit,
+            msr_list,
+            cpuid: Vec::new(),
         })
+    }
+
+    /// Loads a saved state into this (new, not yet started) vCPU.
+    pub fn restore_state(&mut self, state: &VcpuArchState) -> Result<(), VcpuError> {
+        vcpu_state::restore(&self.fd, state)?;
+        self.cpuid = state.cpuid.clone();
+        Ok(())
     }
 
     pub fn index(&self) -> u8 {
@@ -250,7 +286,7 @@ impl Vcpu {
     }
 
     /// Sets CPUID, MSRs, registers, FPU and LAPIC for entering `kernel`.
-    pub fn configure(&self, cpuid: &CpuId, kernel: &KernelEntry) -> Result<(), VcpuError> {
+    pub fn configure(&mut self, cpuid: &CpuId, kernel: &KernelEntry) -> Result<(), VcpuError> {
         let index = self.index;
         let step = |step| {
             move |source| VcpuError::Configure {
@@ -260,6 +296,7 @@ impl Vcpu {
             }
         };
         self.fd.set_cpuid2(cpuid).map_err(step("set CPUID"))?;
+        self.cpuid = cpuid.as_slice().to_vec();
 
         let entries = regs::boot_msrs();
         let msrs = Msrs::from_entries(&entries).map_err(VcpuError::MsrList)?;
@@ -294,27 +331,36 @@ impl Vcpu {
         install_kick_handler()?;
         let index = self.index;
         let (event_tx, event_rx) = channel();
-        let (state_tx, state_rx) = channel();
+        let (reply_tx, reply_rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(event_rx, state_tx))
+            .spawn(move || self.run(event_rx, reply_tx))
             .map_err(|source| VcpuError::Spawn { index, source })?;
         Ok(VcpuHandle {
             index,
             events: event_tx,
-            states: state_rx,
+            replies: reply_rx,
             thread: Some(thread),
         })
     }
 
     /// The thread body: a state machine driven by `events`, reporting to `states`.
-    fn run(mut self, events: Receiver<VcpuEvent>, states: Sender<VcpuState>) {
+    fn run(mut self, events: Receiver<VcpuEvent>, replies: Sender<VcpuReply>) {
         KVM_RUN.with(|cell| cell.set(self.fd.get_kvm_run() as *mut kvm_run));
         let mut state = VcpuState::Paused;
         loop {
             let next = match state {
                 VcpuState::Running => self.run_once(&events),
                 VcpuState::Paused | VcpuState::Exited => match events.recv() {
+                    Ok(VcpuEvent::Save) => {
+                        // Stopped at an instruction boundary: the state is complete.
+                        let saved =
+                            vcpu_state::save(&self.fd, self.index, &self.msr_list, &self.cpuid);
+                        if replies.send(VcpuReply::Saved(Box::new(saved))).is_err() {
+                            break;
+                        }
+                        continue;
+                    }
                     Ok(event) => Some(transition(state, event)),
                     Err(_) => None,
                 },
@@ -322,13 +368,13 @@ impl Vcpu {
             match next {
                 Some(Step::Ack(new)) => {
                     state = new;
-                    if states.send(new).is_err() {
+                    if replies.send(VcpuReply::State(new)).is_err() {
                         break;
                     }
                 }
                 Some(Step::Quiet(new)) => state = new,
                 Some(Step::Terminate) => {
-                    let _ = states.send(VcpuState::Exited);
+                    let _ = replies.send(VcpuReply::State(VcpuState::Exited));
                     break;
                 }
                 None => break,
@@ -416,6 +462,8 @@ enum Step {
 fn transition(state: VcpuState, event: VcpuEvent) -> Step {
     match (state, event) {
         (_, VcpuEvent::Exit) => Step::Terminate,
+        // Saving is answered in the paused loop; a running vCPU reports that it runs.
+        (s, VcpuEvent::Save) => Step::Ack(s),
         (VcpuState::Exited, _) => Step::Ack(VcpuState::Exited),
         (_, VcpuEvent::Pause) => Step::Ack(VcpuState::Paused),
         (_, VcpuEvent::Resume) => Step::Ack(VcpuState::Running),
@@ -426,7 +474,7 @@ fn transition(state: VcpuState, event: VcpuEvent) -> Step {
 pub struct VcpuHandle {
     index: u8,
     events: Sender<VcpuEvent>,
-    states: Receiver<VcpuState>,
+    replies: Receiver<VcpuReply>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -449,13 +497,33 @@ impl VcpuHandle {
         Ok(())
     }
 
-    /// Waits for the state the thread reports after an event.
-    pub fn wait_state(&self, event: VcpuEvent) -> Result<VcpuState, VcpuError> {
+    fn wait_reply(&self, event: VcpuEvent) -> Result<VcpuReply, VcpuError> {
         let index = self.index;
-        match self.states.recv_timeout(ACK_TIMEOUT) {
-            Ok(state) => Ok(state),
+        match self.replies.recv_timeout(ACK_TIMEOUT) {
+            Ok(reply) => Ok(reply),
             Err(RecvTimeoutError::Timeout) => Err(VcpuError::NoAck { index, event }),
             Err(RecvTimeoutError::Disconnected) => Err(VcpuError::ThreadGone { index }),
+        }
+    }
+
+    /// Waits for the state the thread reports after an event.
+    pub fn wait_state(&self, event: VcpuEvent) -> Result<VcpuState, VcpuError> {
+        match self.wait_reply(event)? {
+            VcpuReply::State(state) => Ok(state),
+            VcpuReply::Saved(_) => Err(VcpuError::UnexpectedReply {
+                index: self.index,
+                event,
+                got: "a saved state",
+            }),
+        }
+    }
+
+    /// Reads the complete state of this (paused) vCPU on its thread.
+    pub fn save_state(&self) -> Result<VcpuArchState, VcpuError> {
+        self.send(VcpuEvent::Save)?;
+        match self.wait_reply(VcpuEvent::Save)? {
+            VcpuReply::Saved(result) => Ok((*result)?),
+            VcpuReply::State(_) => Err(VcpuError::NotPaused { index: self.index }),
         }
     }
 

@@ -1,7 +1,11 @@
 //! The KVM VM: memory slots, in-kernel interrupt controllers and PIT.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -32,12 +36,46 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("cannot {step} of the VM")]
+    State {
+        step: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("saved interrupt controller {0} is not one of PIC master, PIC slave, IOAPIC")]
+    BadIrqchip(u32),
     #[error("cannot register ioeventfd at {addr:#x}")]
     Ioeventfd {
         addr: u64,
         #[source]
         source: kvm_ioctls::Error,
     },
+}
+
+/// The VM-wide state KVM holds: interrupt controllers, PIT, kvmclock.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmState {
+    /// PIC master, PIC slave and IOAPIC, in that order.
+    pub irqchips: Vec<kvm_irqchip>,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+    /// Host wall-clock time (ns since the Unix epoch) when the clock was read, to move the
+    /// guest clock forward by the time spent in the snapshot.
+    pub saved_at_unix_ns: u64,
+}
+
+const IRQCHIPS: [u32; 3] = [
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_IOAPIC,
+];
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// A KVM VM with its guest memory registered.
@@ -84,6 +122,55 @@ impl Vm {
             // dangling host address.
             unsafe { self.fd.set_user_memory_region(mem_region) }
                 .map_err(|source| VmError::MemorySlot { slot, source })?;
+        }
+        Ok(())
+    }
+
+    /// Reads the VM-wide state. The vCPUs must be paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let step = |step| move |source| VmError::State { step, source };
+        let mut irqchips = Vec::with_capacity(IRQCHIPS.len());
+        for chip_id in IRQCHIPS {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map_err(step("read an interrupt controller"))?;
+            irqchips.push(chip);
+        }
+        Ok(VmState {
+            irqchips,
+            pit: self.fd.get_pit2().map_err(step("read the PIT"))?,
+            clock: self.fd.get_clock().map_err(step("read kvmclock"))?,
+            saved_at_unix_ns: unix_ns(),
+        })
+    }
+
+    /// Restores the VM-wide state into this (new) VM. The guest clock moves forward by the
+    /// host wall-clock time elapsed since the state was saved, so the restored guest's
+    /// clocks are right (its timers that expired meanwhile fire at once).
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        let step = |step| move |source| VmError::State { step, source };
+        for chip in &state.irqchips {
+            if !IRQCHIPS.contains(&chip.chip_id) {
+                return Err(VmError::BadIrqchip(chip.chip_id));
+            }
+        }
+        self.fd.set_pit2(&state.pit).map_err(step("set the PIT"))?;
+        let elapsed = unix_ns().saturating_sub(state.saved_at_unix_ns);
+        let clock = kvm_clock_data {
+            clock: state.clock.clock.saturating_add(elapsed),
+            // Only the clock value is set; flags such as KVM_CLOCK_TSC_STABLE are outputs.
+            flags: 0,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(step("set kvmclock"))?;
+        for chip in &state.irqchips {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(step("set an interrupt controller"))?;
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use vm_superio::serial::SerialEvents;
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -74,6 +74,40 @@ impl SerialDevice {
                 ConsoleOutput(out),
             ),
         }
+    }
+
+    /// A UART resuming from saved registers and receive FIFO; the other arguments are those
+    /// of [`new`](Self::new). Fails if `state` holds more than the FIFO's 64 bytes or an
+    /// interrupt it must re-raise cannot be injected.
+    pub(super) fn from_uart_state(
+        state: &SerialState,
+        irq_evt: EventFd,
+        out: Box<dyn Write + Send>,
+        rx_space: Arc<EventFd>,
+    ) -> Result<Self, vm_superio::serial::Error<io::Error>> {
+        Ok(Self {
+            uart: Serial::from_state(
+                state,
+                IrqFdTrigger(irq_evt),
+                RxSpaceEvents(rx_space),
+                ConsoleOutput(out),
+            )?,
+        })
+    }
+
+    /// Injects IRQ 4 again if the UART has an interrupt pending (IIR not "none"); see
+    /// `MmioTransport::reassert_interrupt` for why a restore does this.
+    pub fn reassert_interrupt(&self) -> io::Result<()> {
+        const IIR_NONE: u8 = 0x01;
+        if self.uart.state().interrupt_identification & IIR_NONE == 0 {
+            self.uart.interrupt_evt().trigger()?;
+        }
+        Ok(())
+    }
+
+    /// The UART registers and receive FIFO, for snapshots.
+    pub(super) fn uart_state(&self) -> SerialState {
+        self.uart.state()
     }
 
     /// Moves as much of `pending` into the receive FIFO as fits.

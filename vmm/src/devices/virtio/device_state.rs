@@ -11,6 +11,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
@@ -36,6 +37,30 @@ pub struct Activated {
     pub interrupt: Arc<IrqTrigger>,
 }
 
+/// Shared by every virtio device of a VM: while closed, queue notifications are consumed but
+/// not served, so no device touches guest memory while the VM is paused (a paused restore
+/// stays byte-identical to its snapshot). Opening it again kicks every queue (the runtime
+/// writes each queue eventfd), which serves whatever was deferred. It starts closed: boot and
+/// restore open it with their first resume.
+#[derive(Clone, Debug)]
+pub struct PauseGate(Arc<AtomicBool>);
+
+impl Default for PauseGate {
+    fn default() -> Self {
+        Self(Arc::new(AtomicBool::new(true)))
+    }
+}
+
+impl PauseGate {
+    pub fn is_closed(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    pub fn set_closed(&self, closed: bool) {
+        self.0.store(closed, Ordering::Release);
+    }
+}
+
 /// What the event loop should do after [`DeviceState::handle_event`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wakeup {
@@ -57,6 +82,7 @@ pub struct DeviceState {
     active: Option<Activated>,
     /// Whether the queue eventfds are currently in the event loop's watch list.
     queues_registered: bool,
+    gate: PauseGate,
 }
 
 impl DeviceState {
@@ -74,7 +100,15 @@ impl DeviceState {
             activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             active: None,
             queues_registered: false,
+            // Open until the device manager hands the VM's gate over, so a device used on
+            // its own (tests) serves requests.
+            gate: PauseGate(Arc::new(AtomicBool::new(false))),
         })
+    }
+
+    /// Joins the VM's pause gate.
+    pub fn set_pause_gate(&mut self, gate: PauseGate) {
+        self.gate = gate;
     }
 
     pub fn avail_features(&self) -> u64 {
@@ -105,6 +139,12 @@ impl DeviceState {
 
     pub fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    /// The queues handed over at activation, as the device has advanced them; empty when
+    /// not activated.
+    pub fn queues(&self) -> &[Queue] {
+        self.active.as_ref().map_or(&[], |a| a.queues.as_slice())
     }
 
     /// Stores the queues and wakes the event loop. Runs on a vCPU thread: never blocks.
@@ -178,6 +218,15 @@ impl DeviceState {
     /// `MutEventSubscriber::process`: consumes the eventfd that fired, keeps the watch list in
     /// step with the activation state and says which queues need processing.
     pub fn handle_event(&mut self, events: &Events, ops: &mut EventOps) -> Wakeup {
+        let wakeup = self.consume_event(events, ops);
+        if wakeup != Wakeup::Nothing && self.gate.is_closed() {
+            // The VM is paused: resume kicks every queue, which serves this then.
+            return Wakeup::Nothing;
+        }
+        wakeup
+    }
+
+    fn consume_event(&mut self, events: &Events, ops: &mut EventOps) -> Wakeup {
         let fd = events.fd();
         if fd == self.activate_evt.as_raw_fd() {
             // EAGAIN only means another wake-up already consumed the count.
@@ -288,6 +337,23 @@ where
                 warn!("virtio queue {index}: cannot inject the interrupt: {e}");
             }
         }
+    }
+}
+
+/// Saved acked features that include bits the device never offered: the driver cannot have
+/// accepted them, so the state is corrupt or belongs to another device version.
+#[derive(Debug, thiserror::Error)]
+#[error("saved acked features {acked:#x} include bits {unoffered:#x} the device does not offer")]
+pub struct FeaturesError {
+    pub acked: u64,
+    pub unoffered: u64,
+}
+
+/// Checks saved acked features against the features a device offers.
+pub fn check_acked_features(offered: u64, acked: u64) -> Result<(), FeaturesError> {
+    match acked & !offered {
+        0 => Ok(()),
+        unoffered => Err(FeaturesError { acked, unoffered }),
     }
 }
 

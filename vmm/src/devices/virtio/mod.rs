@@ -7,14 +7,16 @@
 //! without a userspace exit. Devices process their queues on the event-loop thread.
 //!
 //! Every device lives in a folder of the same shape: `device.rs` (the `VirtioDevice` and
-//! event-loop side), `handler.rs` or `io.rs` (request processing, testable without KVM).
+//! event-loop side), `handler.rs` or `io.rs` (request processing, testable without KVM),
+//! `persist.rs` (its snapshot state). The transport saves what the driver negotiated and,
+//! through [`VirtioDevice::queues`], where the device stands in each ring (`mmio/persist.rs`).
 
 pub mod block;
 pub mod device_state;
 pub mod mmio;
 pub mod rng;
 #[cfg(test)]
-mod test_utils;
+pub(crate) mod test_utils;
 
 pub use block::{Block, BlockConfig, BlockError};
 pub use mmio::{MmioError, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
@@ -96,6 +98,12 @@ impl IrqTrigger {
     pub fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);
     }
+
+    /// Puts back a saved InterruptStatus without injecting anything: whether the guest still
+    /// has to see the interrupt is part of the interrupt controller's saved state, not ours.
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
 }
 
 /// What a device receives when the driver sets DRIVER_OK.
@@ -140,6 +148,12 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Whether `activate` succeeded and no reset happened since.
     fn is_activated(&self) -> bool;
+    /// The queues the device runs on since activation (empty when not activated). Snapshots
+    /// save their positions (`next_avail`, `next_used`) through this, so a restored device
+    /// resumes the rings exactly where it stopped.
+    fn queues(&self) -> &[Queue];
+    /// Joins the VM's pause gate (see [`device_state::PauseGate`]).
+    fn set_pause_gate(&mut self, gate: device_state::PauseGate);
     /// Returns to the pre-activation state (the driver wrote 0 to Status).
     fn reset(&mut self);
 }

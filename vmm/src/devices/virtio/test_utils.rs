@@ -12,6 +12,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestAddress;
 
 use super::{ActivateContext, IrqTrigger};
+use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemoryMmap;
 
 pub use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -34,13 +35,20 @@ pub fn desc(addr: u64, len: u32, writable: bool) -> RawDescriptor {
 /// A driver's view of one split queue in mock guest memory.
 pub struct Driver<'a> {
     pub vq: MockSplitQueue<'a, GuestMemoryMmap>,
+    pub size: u16,
     next_desc: u16,
 }
 
 impl<'a> Driver<'a> {
     pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
+        Self::at(mem, 0, size)
+    }
+
+    /// A queue whose rings start at guest address `addr` (16-byte aligned).
+    pub fn at(mem: &'a GuestMemoryMmap, addr: u64, size: u16) -> Self {
         Self {
-            vq: MockSplitQueue::create(mem, GuestAddress(0), size),
+            vq: MockSplitQueue::create(mem, GuestAddress(addr), size),
+            size,
             next_desc: 0,
         }
     }
@@ -94,6 +102,52 @@ impl<'a> Driver<'a> {
     pub fn used(&self, i: u16) -> (u32, u32) {
         let e = self.vq.used().ring().ref_at(usize::from(i)).unwrap().load();
         (e.id(), e.len())
+    }
+}
+
+/// A 32-bit register write to a virtio-MMIO transport, as a driver does it.
+pub fn mmio_write(t: &mut dyn BusDevice, offset: u32, value: u32) {
+    t.write(u64::from(offset), &value.to_le_bytes());
+}
+
+/// A 32-bit register read from a virtio-MMIO transport.
+pub fn mmio_read(t: &mut dyn BusDevice, offset: u32) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(u64::from(offset), &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// Does what a driver does to start a device: accepts every offered feature, sets queue 0 up
+/// on `drv`'s rings and, with `driver_ok`, sets DRIVER_OK (which activates the device).
+pub fn bring_up(t: &mut dyn BusDevice, drv: &Driver, driver_ok: bool) {
+    use super::status as st;
+    use virtio_bindings::virtio_mmio::*;
+
+    mmio_write(t, VIRTIO_MMIO_STATUS, st::ACKNOWLEDGE);
+    mmio_write(t, VIRTIO_MMIO_STATUS, st::ACKNOWLEDGE | st::DRIVER);
+    for sel in 0..2 {
+        mmio_write(t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, sel);
+        let offered = mmio_read(t, VIRTIO_MMIO_DEVICE_FEATURES);
+        mmio_write(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel);
+        mmio_write(t, VIRTIO_MMIO_DRIVER_FEATURES, offered);
+    }
+    let features_ok = st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK;
+    mmio_write(t, VIRTIO_MMIO_STATUS, features_ok);
+    let split = |a: GuestAddress| (a.0 as u32, (a.0 >> 32) as u32);
+    let (desc_lo, desc_hi) = split(drv.vq.desc_table_addr());
+    let (avail_lo, avail_hi) = split(drv.vq.avail_addr());
+    let (used_lo, used_hi) = split(drv.vq.used_addr());
+    mmio_write(t, VIRTIO_MMIO_QUEUE_SEL, 0);
+    mmio_write(t, VIRTIO_MMIO_QUEUE_NUM, u32::from(drv.size));
+    mmio_write(t, VIRTIO_MMIO_QUEUE_DESC_LOW, desc_lo);
+    mmio_write(t, VIRTIO_MMIO_QUEUE_DESC_HIGH, desc_hi);
+    mmio_write(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, avail_lo);
+    mmio_write(t, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, avail_hi);
+    mmio_write(t, VIRTIO_MMIO_QUEUE_USED_LOW, used_lo);
+    mmio_write(t, VIRTIO_MMIO_QUEUE_USED_HIGH, used_hi);
+    mmio_write(t, VIRTIO_MMIO_QUEUE_READY, 1);
+    if driver_ok {
+        mmio_write(t, VIRTIO_MMIO_STATUS, features_ok | st::DRIVER_OK);
     }
 }
 

@@ -9,6 +9,7 @@ use log::debug;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
 };
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::handler::{Disk, ID_LEN};
@@ -77,6 +78,8 @@ pub struct Block {
     state: DeviceState,
     disk: Disk,
     path: PathBuf,
+    /// The configured id as given, for snapshots (the disk keeps it NUL-padded).
+    id: String,
     config: [u8; CONFIG_LEN],
 }
 
@@ -138,6 +141,7 @@ impl Block {
             state: DeviceState::new(features, &[QUEUE_SIZE]).map_err(BlockError::EventFd)?,
             disk: Disk::new(file, read_only, capacity, id.as_bytes()),
             path,
+            id,
             config,
         })
     }
@@ -153,6 +157,11 @@ impl Block {
 
     pub fn is_read_only(&self) -> bool {
         self.disk.read_only()
+    }
+
+    /// The serial number the guest reads with GET_ID.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// Makes every write the guest completed durable; the VMM calls it before snapshots.
@@ -222,6 +231,14 @@ impl VirtioDevice for Block {
 
     fn is_activated(&self) -> bool {
         self.state.is_activated()
+    }
+
+    fn set_pause_gate(&mut self, gate: crate::devices::virtio::device_state::PauseGate) {
+        self.state.set_pause_gate(gate);
+    }
+
+    fn queues(&self) -> &[Queue] {
+        self.state.queues()
     }
 
     fn reset(&mut self) {

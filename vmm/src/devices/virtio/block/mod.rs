@@ -2,12 +2,15 @@
 //!
 //! `device.rs` is the [`VirtioDevice`](super::VirtioDevice) and event-loop side (features,
 //! configuration space, activation); `handler.rs` parses and serves requests and is testable
-//! without KVM or an event loop.
+//! without KVM or an event loop; `persist.rs` saves the device and reopens its image on
+//! restore.
 
 mod device;
 pub mod handler;
+mod persist;
 
 pub use device::{Block, BlockConfig, BlockError};
+pub use persist::{BlockRestoreArgs, BlockRestoreError, BlockState};
 
 /// virtio-blk always counts in 512-byte sectors, whatever the image's block size.
 pub const SECTOR_SIZE: u64 = 512;

@@ -12,10 +12,12 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::handler::Disk;
 use super::*;
+use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState};
 use crate::devices::virtio::test_utils::*;
 use crate::devices::virtio::{
     VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::snapshot::Persist;
 use crate::vstate::memory::GuestMemoryMmap;
 
 const HDR: u64 = DATA_BASE;
@@ -566,4 +568,134 @@ fn end_to_end_through_the_mmio_transport() {
     wr(&mut t, VIRTIO_MMIO_STATUS, 0);
     assert!(!lp.block.lock().unwrap().is_activated());
     assert_eq!(lp.block.lock().unwrap().acked_features(), 0);
+}
+
+/// Saves `block` and `transport` as a snapshot does, through JSON. The block is locked only
+/// while it saves: the transport locks it again to save its queues.
+fn snapshot(block: &Mutex<Block>, transport: &MmioTransport) -> (BlockState, MmioTransportState) {
+    let block = block.lock().unwrap().save();
+    let json = serde_json::to_string(&(block, transport.save())).unwrap();
+    serde_json::from_str(&json).unwrap()
+}
+
+#[test]
+fn restored_block_serves_requests_posted_after_restore() {
+    use crate::devices::virtio::mmio::MmioTransportRestoreArgs;
+
+    let mem = guest_mem();
+    let (tmp, b) = block_with(&pattern(SECTORS), false, "snap");
+    let mut lp = Loop::new(b.unwrap());
+    let mut t = MmioTransport::new(mem.clone(), lp.block.clone()).unwrap();
+    let mut drv = Driver::new(&mem, 16);
+    bring_up(&mut t, &drv, true);
+    write_header(&mem, VIRTIO_BLK_T_IN, 3);
+    drv.add_chain(&request(512, true));
+    lp.kick();
+    lp.run();
+    assert_eq!(drv.used_idx(), 1);
+
+    let (block_state, transport_state) = snapshot(&lp.block, &t);
+    // The old VMM goes away (releasing the image lock); the guest, restored from the same
+    // memory, posts its next request before the device is back.
+    drop((t, lp));
+    write_header(&mem, VIRTIO_BLK_T_IN, 5);
+    let head = drv.add_chain(&request(512, true));
+
+    let block = Block::restore(BlockRestoreArgs::default(), &block_state).unwrap();
+    assert_eq!(block.path(), tmp.0);
+    let mut lp = Loop::new(block);
+    let args = MmioTransportRestoreArgs {
+        mem: mem.clone(),
+        device: lp.block.clone(),
+    };
+    let mut t = MmioTransport::restore(args, &transport_state).unwrap();
+    lp.run();
+    assert_eq!(
+        drv.used_idx(),
+        2,
+        "served without any notification from the guest"
+    );
+    assert_eq!(drv.used(1), (u32::from(head), 513));
+    assert_eq!(status(&mem), VIRTIO_BLK_S_OK as u8);
+    let b: u8 = mem.read_obj(GuestAddress(DATA)).unwrap();
+    assert_eq!(b, 5);
+
+    // Later requests are notified as usual, here through the QueueNotify fallback.
+    write_header(&mem, VIRTIO_BLK_T_IN, 6);
+    drv.add_chain(&request(512, true));
+    mmio_write(
+        &mut t,
+        virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY,
+        0,
+    );
+    lp.run();
+    assert_eq!(drv.used_idx(), 3);
+    let b: u8 = mem.read_obj(GuestAddress(DATA)).unwrap();
+    assert_eq!(b, 6);
+}
+
+#[test]
+fn restore_checks_the_disk_size_and_reopens_under_the_same_lock_rules() {
+    let (tmp, b) = block_with(&pattern(SECTORS), false, "sz");
+    let state = b.unwrap().save();
+    assert_eq!(state.capacity, SECTORS);
+
+    // A clone's own copy of the disk.
+    let copy = TempFile::with_contents("blk-copy", &pattern(SECTORS));
+    let args = BlockRestoreArgs {
+        path_override: Some(copy.0.clone()),
+    };
+    let clone = Block::restore(args, &state).unwrap();
+    assert_eq!(clone.path(), copy.0);
+    assert_eq!(clone.save().path, copy.0);
+
+    let bigger = TempFile::with_contents("blk-big", &pattern(SECTORS * 2));
+    let args = BlockRestoreArgs {
+        path_override: Some(bigger.0.clone()),
+    };
+    let e = Block::restore(args, &state).err().expect("size differs");
+    assert!(
+        matches!(e, BlockRestoreError::Capacity { saved: SECTORS, actual, .. } if actual == 2 * SECTORS),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains(&bigger.0.display().to_string()),
+        "{e}"
+    );
+
+    // The image is still written by the original VM: the restore is refused.
+    let (_tmp2, first) = block_with(&pattern(SECTORS), false, "busy");
+    let first = first.unwrap();
+    let busy = first.save();
+    let e = Block::restore(BlockRestoreArgs::default(), &busy)
+        .err()
+        .expect("locked");
+    assert!(
+        matches!(e, BlockRestoreError::Open(BlockError::Locked { .. })),
+        "{e}"
+    );
+    drop(tmp);
+}
+
+#[test]
+fn restore_refuses_unoffered_features_and_bad_ids() {
+    let (_tmp, b) = block_with(&pattern(8), false, "f");
+    let mut state = b.unwrap().save();
+    state.acked_features = VIRTIO_F_VERSION_1 | (1 << 60);
+    let e = Block::restore(BlockRestoreArgs::default(), &state)
+        .err()
+        .expect("unoffered");
+    assert!(matches!(e, BlockRestoreError::Features(_)), "{e}");
+    // Read-only is offered only to read-only disks.
+    state.acked_features = VIRTIO_F_VERSION_1 | (1 << VIRTIO_BLK_F_RO);
+    assert!(Block::restore(BlockRestoreArgs::default(), &state).is_err());
+    state.acked_features = 0;
+    state.id = "x".repeat(21);
+    let e = Block::restore(BlockRestoreArgs::default(), &state)
+        .err()
+        .expect("id");
+    assert!(
+        matches!(e, BlockRestoreError::Open(BlockError::IdTooLong { .. })),
+        "{e}"
+    );
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::debug;
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::handler::EntropySource;
@@ -108,6 +109,14 @@ impl VirtioDevice for Rng {
 
     fn is_activated(&self) -> bool {
         self.state.is_activated()
+    }
+
+    fn set_pause_gate(&mut self, gate: crate::devices::virtio::device_state::PauseGate) {
+        self.state.set_pause_gate(gate);
+    }
+
+    fn queues(&self) -> &[Queue] {
+        self.state.queues()
     }
 
     fn reset(&mut self) {

@@ -14,6 +14,7 @@ struct MockDevice {
     acked: u64,
     config: [u8; 8],
     activated: Option<(Vec<QueueView>, Arc<IrqTrigger>)>,
+    queues: Vec<Queue>,
     resets: usize,
     fail_activate: bool,
 }
@@ -30,6 +31,7 @@ impl MockDevice {
             acked: 0,
             config: [1, 2, 3, 4, 5, 6, 7, 8],
             activated: None,
+            queues: Vec::new(),
             resets: 0,
             fail_activate: false,
         }
@@ -83,13 +85,20 @@ impl VirtioDevice for MockDevice {
             })
             .collect();
         self.activated = Some((queues, ctx.interrupt));
+        self.queues = ctx.queues;
         Ok(())
     }
     fn is_activated(&self) -> bool {
         self.activated.is_some()
     }
+    fn set_pause_gate(&mut self, _gate: crate::devices::virtio::device_state::PauseGate) {}
+
+    fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
     fn reset(&mut self) {
         self.activated = None;
+        self.queues.clear();
         self.resets += 1;
     }
 }
@@ -181,6 +190,11 @@ fn rejects_devices_without_version_1() {
         }
         fn is_activated(&self) -> bool {
             false
+        }
+        fn set_pause_gate(&mut self, _gate: crate::devices::virtio::device_state::PauseGate) {}
+
+        fn queues(&self) -> &[Queue] {
+            self.0.queues()
         }
         fn reset(&mut self) {}
     }

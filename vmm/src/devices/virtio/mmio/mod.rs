@@ -8,6 +8,9 @@
 //! wrong size are ignored, status transitions out of order are refused, queue registers are
 //! frozen once the device runs, and queues are checked against guest memory before any device
 //! sees them.
+//!
+//! `tests.rs` covers the register protocol; `persist.rs` saves and restores a transport,
+//! re-activating a running device on its saved queues.
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -22,6 +25,12 @@ use super::{
 };
 use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemoryMmap;
+
+mod persist;
+
+pub use persist::{
+    MmioRestoreError, MmioTransportRestoreArgs, MmioTransportState, QueueRegsState, VirtqueueState,
+};
 
 /// Size of the MMIO window of one device: registers below 0x100, config space above.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -196,6 +205,10 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     queue_sel: u32,
     queues: Vec<QueueRegs>,
+    /// ConfigGeneration: no device changes its configuration space behind the driver's back
+    /// yet, so it stays 0; it is a field (and saved) so that a device that does cannot be
+    /// restored with a stale value.
+    config_generation: u32,
 }
 
 impl MmioTransport {
@@ -234,6 +247,7 @@ impl MmioTransport {
             driver_features_sel: 0,
             queue_sel: 0,
             queues,
+            config_generation: 0,
         })
     }
 
@@ -298,8 +312,7 @@ impl MmioTransport {
             reg::STATUS => self.status,
             // No shared memory regions: length and base of every region read as -1.
             reg::SHM_LEN_LOW..=reg::SHM_BASE_HIGH => u32::MAX,
-            // The configuration space never changes behind the driver's back.
-            reg::CONFIG_GENERATION => 0,
+            reg::CONFIG_GENERATION => self.config_generation,
             _ => {
                 debug!("virtio-mmio: read of write-only or unknown register {offset:#x}");
                 0
@@ -516,5 +529,4 @@ impl BusDevice for MmioTransport {
 }
 
 #[cfg(test)]
-#[path = "mmio_tests.rs"]
 mod tests;
