@@ -1,8 +1,10 @@
 //! `grove-vmm run` on bad input: a one-line error naming the problem and exit code 2, before
 //! any vCPU runs. And the happy path of the binary with the test guest.
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
+
+mod common;
+use common::TempDir;
 
 fn grove_vmm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_grove-vmm"))
@@ -12,32 +14,8 @@ fn grove_vmm(args: &[&str]) -> Output {
         .expect("grove-vmm runs")
 }
 
-/// A scratch directory removed when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    fn to_str(&self) -> Option<&str> {
-        self.0.to_str()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempdir(name: &str) -> TempDir {
-    let d = std::env::temp_dir().join(format!("grove-cli-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    TempDir(d)
-}
-
 fn test_guest() -> String {
-    env!("GROVE_TEST_GUEST").to_string()
+    common::test_guest().display().to_string()
 }
 
 /// Exit code 2, and stderr is exactly one line that contains every `needle`.
@@ -64,7 +42,7 @@ fn missing_kernel() {
 
 #[test]
 fn file_that_is_not_a_kernel() {
-    let dir = tempdir("notkernel");
+    let dir = TempDir::new("notkernel");
     let p = dir.join("random.bin");
     std::fs::write(&p, vec![0x5au8; 10_000]).unwrap();
     let out = grove_vmm(&["run", "--kernel", p.to_str().unwrap()]);
@@ -87,7 +65,7 @@ fn more_memory_than_the_host_has() {
 
 #[test]
 fn unknown_config_field() {
-    let dir = tempdir("cfg");
+    let dir = TempDir::new("cfg");
     let p = dir.join("vm.json");
     std::fs::write(&p, format!(r#"{{"kernel":"{}","vcpu":2}}"#, test_guest())).unwrap();
     let out = grove_vmm(&["run", "--config", p.to_str().unwrap()]);
@@ -96,7 +74,7 @@ fn unknown_config_field() {
 
 #[test]
 fn malformed_config() {
-    let dir = tempdir("badjson");
+    let dir = TempDir::new("badjson");
     let p = dir.join("vm.json");
     std::fs::write(&p, "{ not json").unwrap();
     let out = grove_vmm(&["run", "--config", p.to_str().unwrap()]);
@@ -113,13 +91,13 @@ fn unreadable_disk() {
         "/nonexistent/disk.img",
     ]);
     assert_bad_input(&out, &["/nonexistent/disk.img"]);
-    let dir = tempdir("dirdisk");
+    let dir = TempDir::new("dirdisk");
     let out = grove_vmm(&[
         "run",
         "--kernel",
         &test_guest(),
         "--rootfs",
-        dir.to_str().unwrap(),
+        dir.0.to_str().unwrap(),
     ]);
     assert_eq!(
         out.status.code(),
@@ -182,7 +160,7 @@ fn guest_failure_exits_one() {
 
 #[test]
 fn serial_to_a_file() {
-    let dir = tempdir("serial");
+    let dir = TempDir::new("serial");
     let log = dir.join("console.log");
     let out = grove_vmm(&[
         "run",
@@ -204,7 +182,7 @@ fn serial_to_a_file() {
 
 #[test]
 fn a_disk_in_use_by_another_vm_is_refused() {
-    let dir = tempdir("locked");
+    let dir = TempDir::new("locked");
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 4096]).unwrap();
     let disk = disk.to_str().unwrap().to_string();

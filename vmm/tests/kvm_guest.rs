@@ -4,48 +4,13 @@
 //!
 //! These tests need /dev/kvm and fail (not skip) without it, saying so.
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 use vmm::{ConsoleIo, DiskConfig, VmConfig, VmExit};
 
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-fn require_kvm() {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "this test needs KVM: /dev/kvm is missing on this host"
-    );
-}
-
-fn test_guest() -> PathBuf {
-    let path = env!("GROVE_TEST_GUEST");
-    assert!(
-        !path.is_empty(),
-        "the test guest was not built (see the build warning of vmm)"
-    );
-    PathBuf::from(path)
-}
+mod common;
+use common::{require_kvm, test_guest, Console, TempDir};
 
 fn config(test: &str) -> VmConfig {
     let mut c = VmConfig::new(test_guest());
@@ -111,7 +76,7 @@ fn boot_complete_port_is_timed() {
 
 #[test]
 fn port_and_mmio_dispatch() {
-    let dir = tempdir("pio");
+    let dir = TempDir::new("pio");
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 4096]).unwrap();
     let mut c = config("pio-mmio");
@@ -132,30 +97,9 @@ fn port_and_mmio_dispatch() {
     );
 }
 
-/// A scratch directory removed when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempdir(name: &str) -> TempDir {
-    let d = std::env::temp_dir().join(format!("grove-kvm-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    TempDir(d)
-}
-
 #[test]
 fn virtio_blk_read_write_flush_get_id() {
-    let dir = tempdir("blk");
+    let dir = TempDir::new("blk");
     let disk = dir.join("disk.img");
     let mut content = vec![0u8; 64 * 512];
     content[512..1024].fill(0x5a);
@@ -190,7 +134,7 @@ fn virtio_blk_read_write_flush_get_id() {
 
 #[test]
 fn virtio_blk_read_only_refuses_writes() {
-    let dir = tempdir("blk-ro");
+    let dir = TempDir::new("blk-ro");
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 64 * 512]).unwrap();
     let mut c = config("blk");

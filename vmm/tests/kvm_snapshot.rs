@@ -3,9 +3,7 @@
 //! source at the snapshot, clones are independent, and corrupt snapshots are refused
 //! before any vCPU runs. Needs /dev/kvm.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
@@ -14,19 +12,10 @@ use vmm::control::client::ControlClient;
 use vmm::control::protocol::{Request, Response, SnapshotRequest, VmRunState};
 use vmm::{ConsoleIo, VmConfig, VmExit, Vmm};
 
-const COUNTER: GuestAddress = GuestAddress(0x30_0000);
+mod common;
+use common::{require_kvm, Console, TempDir};
 
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+const COUNTER: GuestAddress = GuestAddress(0x30_0000);
 
 fn console() -> ConsoleIo {
     ConsoleIo {
@@ -35,21 +24,9 @@ fn console() -> ConsoleIo {
     }
 }
 
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 fn tempdir(name: &str) -> TempDir {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "this test needs KVM: /dev/kvm is missing"
-    );
-    let d = std::env::temp_dir().join(format!("grove-snap-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TempDir(d)
+    require_kvm();
+    TempDir::new(name)
 }
 
 fn counter_guest(control: Option<PathBuf>) -> Vmm {
