@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use linux_loader::cmdline::Cmdline;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot::{self, layout, BootError, KernelEntry};
 use crate::config::{host_memory_mib, ConfigError, VmConfig};
@@ -129,7 +130,8 @@ pub fn build_and_start_with(
         );
     }
 
-    let memory = memory::create_anonymous(config.memory_mib << 20)?;
+    let memory =
+        memory::create_anonymous_tracked(config.memory_mib << 20, config.track_dirty_pages)?;
     let vm = Vm::new(&kvm, &memory)?;
     let kernel = boot::load_kernel(&memory, &config.kernel)?;
     log::debug!(
@@ -232,8 +234,8 @@ pub fn restore(
     let dir = &options.snapshot;
     let state = snapshot::read_state(dir)?;
     check_state(dir, &state)?;
-    let memory_file = dir.join(snapshot::MEMORY_FILE);
-    snapshot::memory::verify(&memory_file, &state.memory).map_err(SnapshotError::from)?;
+    // A diff snapshot's whole chain is resolved and every memory file verified here.
+    let chain = snapshot::resolve_chain(dir, &state.memory)?;
     let disk_overrides = resolve_overrides(&state.config, &options.disk_overrides)?;
 
     let kvm = KvmContext::open()?;
@@ -246,7 +248,7 @@ pub fn restore(
         options.cpu_template,
     )?;
 
-    let memory = snapshot::memory::map(&memory_file, &state.memory).map_err(SnapshotError::from)?;
+    let memory = snapshot::map_chain(&chain, state.config.track_dirty_pages)?;
     let vm = Vm::new(&kvm, &memory)?;
     let exit = Arc::new(ExitNotifier::new().map_err(BuildError::EventFd)?);
     let boot_timer = BootTimer::new(start);
@@ -277,17 +279,29 @@ pub fn restore(
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // Restoring the kvmclock MSRs makes KVM rewrite its structures in guest memory; keep the
+    // snapshot's bytes there and put them back afterwards, so the guest starts from exactly
+    // the saved memory. Areas outside guest RAM are ignored (the state file is untrusted).
+    let kvm_areas: Vec<(u64, Vec<u8>)> = state
+        .vcpus
+        .iter()
+        .flat_map(crate::vstate::vcpu_state::kvm_written_areas)
+        .filter_map(|(gpa, len)| {
+            let mut buf = vec![0u8; usize::try_from(len).ok().filter(|l| *l <= 4096)?];
+            memory
+                .read_slice(&mut buf, GuestAddress(gpa))
+                .ok()
+                .map(|()| (gpa, buf))
+        })
+        .collect();
     vm.restore_state(&state.vm)?;
     for (vcpu, saved) in vcpus.iter_mut().zip(&state.vcpus) {
         vcpu.restore_state(saved)?;
     }
-    // Restoring the kvmclock MSRs makes KVM rewrite its structures in guest memory; put the
-    // snapshot's bytes back so the guest starts from exactly the saved memory.
-    for saved in &state.vcpus {
-        for (gpa, len) in crate::vstate::vcpu_state::kvm_written_areas(saved) {
-            snapshot::memory::rewind(&memory, &memory_file, &state.memory, gpa, len)
-                .map_err(SnapshotError::from)?;
-        }
+    for (gpa, bytes) in &kvm_areas {
+        memory
+            .write_slice(bytes, GuestAddress(*gpa))
+            .map_err(|e| SnapshotError::from(snapshot::memory::MemoryFileError::Guest(e)))?;
     }
     // An interrupt raised just before the snapshot may be missing from the saved interrupt
     // controllers; raising it again is harmless, losing it would leave a driver waiting.

@@ -68,6 +68,10 @@ pub struct VmConfig {
     /// Attach a virtio-rng device (entropy from the host).
     #[serde(default = "default_true")]
     pub rng: bool,
+    /// Track the pages the guest and the devices write (KVM dirty log plus the VMM's own
+    /// bitmap), so diff snapshots can be taken.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 /// A configuration that cannot describe a VM.
@@ -108,6 +112,7 @@ impl VmConfig {
             disks: Vec::new(),
             serial: None,
             cpu_template: CpuTemplate::default(),
+            track_dirty_pages: false,
             rng: true,
         }
     }

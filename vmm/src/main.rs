@@ -29,6 +29,35 @@ enum Command {
     Run(RunArgs),
     /// Start a VM from a snapshot directory and run it until the guest resets.
     Restore(RestoreArgs),
+    /// Write a snapshot (a diff with its chain of parents, or a full one) as a full snapshot.
+    SnapshotMerge(MergeArgs),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// Snapshot directory to merge (a diff snapshot's parents are found through it).
+    #[arg(long, value_name = "DIR")]
+    snapshot: PathBuf,
+    /// Directory of the full snapshot to write; must not exist.
+    #[arg(long, value_name = "OUT")]
+    output: PathBuf,
+}
+
+fn snapshot_merge(args: MergeArgs) -> ExitCode {
+    match vmm::snapshot::merge(&args.snapshot, &args.output) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                message.push_str(": ");
+                message.push_str(&s.to_string());
+                source = s.source();
+            }
+            eprintln!("grove-vmm: error: {message}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 #[derive(Args)]
@@ -93,6 +122,9 @@ struct RunArgs {
     /// Serve the control socket (status, pause, resume, snapshot, ...) at this path.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Track dirty pages (KVM dirty log and device writes), enabling diff snapshots.
+    #[arg(long)]
+    track_dirty_pages: bool,
 }
 
 fn parse_disk(spec: &str) -> anyhow::Result<DiskConfig> {
@@ -133,6 +165,9 @@ impl RunArgs {
         };
         if self.serial.is_some() {
             config.serial = self.serial;
+        }
+        if self.track_dirty_pages {
+            config.track_dirty_pages = true;
         }
         Ok(config)
     }
@@ -278,5 +313,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args, start),
         Command::Restore(args) => restore(args, start),
+        Command::SnapshotMerge(args) => snapshot_merge(args),
     }
 }

@@ -2,7 +2,7 @@
 //! and stop. The state shared with the control socket lives in [`VmmShared`]; requests run
 //! on the event-loop thread, so no device processes a queue while a request is handled.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use crate::device_manager::{flush_disks, save_devices, Devices};
 use crate::devices::legacy::BootTimer;
 use crate::event_loop::EventLoop;
 use crate::exit::{ExitNotifier, VmExit};
+use crate::snapshot::memory::ParentRef;
 use crate::snapshot::{self, cpu::CpuInfo, SnapshotError, SnapshotState};
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuState};
@@ -36,8 +37,12 @@ pub enum VmmError {
     Exited,
     #[error("the VM must be paused for this")]
     NotPaused,
-    #[error("diff snapshots are not supported yet")]
-    DiffUnsupported,
+    #[error("diff snapshots need dirty page tracking (track_dirty_pages / --track-dirty-pages)")]
+    NotTracking,
+    #[error("a diff snapshot needs a parent: this VM's previous snapshot")]
+    NoParent,
+    #[error("{parent} is not this VM's previous snapshot{hint}")]
+    WrongParent { parent: String, hint: String },
     #[error("cannot flush the disks before the snapshot")]
     Flush(#[source] std::io::Error),
     #[error(transparent)]
@@ -59,6 +64,10 @@ pub struct VmmShared {
     config: VmConfig,
     cpu: CpuInfo,
     started: Instant,
+    /// The last snapshot this VM took (absolute directory, memory BLAKE3), while the dirty
+    /// log describes exactly the pages written since; `None` when no snapshot was taken or
+    /// the last attempt failed after the log was cleared.
+    last_snapshot: Mutex<Option<(PathBuf, String)>>,
     // Dropped last: the VM owns the memory slots the vCPUs run on.
     vm: Vm,
 }
@@ -88,6 +97,7 @@ impl VmmShared {
             config,
             cpu,
             started,
+            last_snapshot: Mutex::new(None),
             vm,
         }
     }
@@ -190,20 +200,53 @@ impl VmmShared {
         Ok(snapshot::memory::digest(self.memory()).map_err(SnapshotError::from)?)
     }
 
-    /// Writes a full snapshot to `req.dir`. The VM is paused for the whole operation (and
-    /// resumed afterwards if it was running and `req.resume` is set).
-    pub fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotInfo, VmmError> {
-        if req.kind == SnapshotKind::Diff {
-            return Err(VmmError::DiffUnsupported);
+    /// The parent a diff snapshot may use: `parent` must be this VM's previous snapshot,
+    /// unchanged since.
+    fn diff_parent(&self, parent: Option<&Path>) -> Result<ParentRef, VmmError> {
+        if !self.vm.tracks_dirty_pages() {
+            return Err(VmmError::NotTracking);
         }
+        let parent = parent.ok_or(VmmError::NoParent)?;
+        let wrong = |hint: &str| VmmError::WrongParent {
+            parent: parent.display().to_string(),
+            hint: hint.to_string(),
+        };
+        let last = lock(&self.last_snapshot).clone();
+        let Some((last_dir, last_hash)) = last else {
+            return Err(wrong(
+                " (it has taken none since it started, or the last one failed)",
+            ));
+        };
+        let canonical = std::fs::canonicalize(parent).map_err(|_| wrong(" (it does not exist)"))?;
+        if canonical != last_dir {
+            return Err(wrong(&format!(" (that is {})", last_dir.display())));
+        }
+        let state = snapshot::read_state(&canonical)?;
+        if state.memory.blake3 != last_hash {
+            return Err(wrong(" (it has changed since it was written)"));
+        }
+        Ok(ParentRef {
+            dir: canonical,
+            blake3: last_hash,
+        })
+    }
+
+    /// Writes a snapshot to `req.dir`: full, or for `kind: diff` only the pages written since
+    /// `req.parent`. The VM is paused for the whole operation (and resumed afterwards if it
+    /// was running and `req.resume` is set).
+    pub fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotInfo, VmmError> {
         let t0 = Instant::now();
         let _op = lock(&self.lifecycle);
+        let parent = match req.kind {
+            SnapshotKind::Full => None,
+            SnapshotKind::Diff => Some(self.diff_parent(req.parent.as_deref())?),
+        };
         let was_running = self.run_state() == VmRunState::Running;
         if was_running {
             self.pause_locked()?;
         }
         let paused_at = Instant::now();
-        let result = self.write_snapshot(&req.dir);
+        let result = self.write_snapshot(&req.dir, parent);
         let mut pause = paused_at.elapsed();
         if was_running && req.resume {
             self.resume_locked()?;
@@ -212,7 +255,7 @@ impl VmmShared {
         let memory_bytes = result?;
         Ok(SnapshotInfo {
             dir: req.dir.clone(),
-            kind: SnapshotKind::Full,
+            kind: req.kind,
             pause_ms: ms(pause),
             total_ms: ms(t0.elapsed()),
             memory_bytes,
@@ -224,7 +267,30 @@ impl VmmShared {
     /// disks are flushed, a queue's used ring is final) and may raise an interrupt; the
     /// interrupt controllers and vCPUs saved afterwards then include it, so no interrupt is
     /// lost between the two.
-    fn write_snapshot(&self, dir: &Path) -> Result<u64, VmmError> {
+    ///
+    /// A tracking VM reads and clears its dirty log at every snapshot, so the next diff is
+    /// relative to this one; if the snapshot then fails, no diff can follow it until a new
+    /// snapshot succeeds.
+    fn write_snapshot(&self, dir: &Path, parent: Option<ParentRef>) -> Result<u64, VmmError> {
+        let tracking = self.vm.tracks_dirty_pages();
+        if dir.exists() {
+            // Refused before the dirty log is touched: the previous snapshot stays a parent.
+            return Err(SnapshotError::Exists(dir.display().to_string()).into());
+        }
+        let (bytes, blake3) = self.write_snapshot_files(dir, parent, tracking)?;
+        if tracking {
+            let absolute = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+            *lock(&self.last_snapshot) = Some((absolute, blake3));
+        }
+        Ok(bytes)
+    }
+
+    fn write_snapshot_files(
+        &self,
+        dir: &Path,
+        parent: Option<ParentRef>,
+        tracking: bool,
+    ) -> Result<(u64, String), VmmError> {
         flush_disks(&self.devices).map_err(VmmError::Flush)?;
         let devices = save_devices(&self.devices);
         let vcpus = {
@@ -235,10 +301,27 @@ impl VmmShared {
                 .collect::<Result<Vec<_>, _>>()?
         };
         let vm = self.vm.save_state()?;
+        // Last, after the devices were saved (which may complete work into guest memory).
+        let dirty = if tracking {
+            *lock(&self.last_snapshot) = None;
+            Some(self.vm.take_dirty_pages()?)
+        } else {
+            None
+        };
         let memory = self.memory();
         let written = snapshot::write_atomically(dir, |tmp| {
-            let memory_state = snapshot::memory::write(memory, &tmp.join(snapshot::MEMORY_FILE))?;
-            let bytes = memory_state.file_size;
+            let path = tmp.join(snapshot::MEMORY_FILE);
+            let memory_state = match (parent, &dirty) {
+                (Some(parent), Some(dirty)) => {
+                    snapshot::memory::write_diff(memory, &path, dirty, parent)?
+                }
+                _ => snapshot::memory::write(memory, &path)?,
+            };
+            let bytes = match &memory_state.pages {
+                Some(runs) => runs.iter().map(|(_, n)| n * 4096).sum(),
+                None => memory_state.file_size,
+            };
+            let blake3 = memory_state.blake3.clone();
             let state = SnapshotState {
                 written_by: format!("grove-vmm {}", env!("CARGO_PKG_VERSION")),
                 config: self.config.clone(),
@@ -249,7 +332,7 @@ impl VmmShared {
                 vm,
             };
             snapshot::format::write_file(&tmp.join(snapshot::STATE_FILE), &state)?;
-            Ok(bytes)
+            Ok((bytes, blake3))
         })?;
         Ok(written)
     }
@@ -280,9 +363,11 @@ fn ms(d: Duration) -> f64 {
 
 fn error_response(e: &VmmError) -> Response {
     let code = match e {
-        VmmError::Exited | VmmError::NotPaused | VmmError::DiffUnsupported => {
-            ErrorCode::InvalidState
-        }
+        VmmError::Exited
+        | VmmError::NotPaused
+        | VmmError::NotTracking
+        | VmmError::NoParent
+        | VmmError::WrongParent { .. } => ErrorCode::InvalidState,
         VmmError::Snapshot(SnapshotError::Exists(_)) => ErrorCode::BadRequest,
         _ => ErrorCode::Failed,
     };
@@ -344,7 +429,7 @@ impl Vmm {
         self.shared.resume()
     }
 
-    /// Writes a full snapshot (see [`VmmShared::snapshot`]).
+    /// Writes a full or diff snapshot (see [`VmmShared::snapshot`]).
     pub fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotInfo, VmmError> {
         self.shared.snapshot(req)
     }

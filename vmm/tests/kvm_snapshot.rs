@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::builder::{restore, RestoreOptions, StartOptions};
 use vmm::control::client::ControlClient;
-use vmm::control::protocol::{Request, Response, SnapshotRequest, VmRunState};
+use vmm::control::protocol::{Request, Response, SnapshotKind, SnapshotRequest, VmRunState};
 use vmm::{ConsoleIo, VmConfig, VmExit, Vmm};
 
 mod common;
@@ -30,10 +30,15 @@ fn tempdir(name: &str) -> TempDir {
 }
 
 fn counter_guest(control: Option<PathBuf>) -> Vmm {
+    counter_guest_with(control, false)
+}
+
+fn counter_guest_with(control: Option<PathBuf>, track_dirty_pages: bool) -> Vmm {
     let mut c = VmConfig::new(env!("GROVE_TEST_GUEST"));
     c.cmdline = Some("test=counter".into());
     c.memory_mib = 32;
     c.rng = false;
+    c.track_dirty_pages = track_dirty_pages;
     vmm::builder::build_and_start_with(&c, console(), Instant::now(), &StartOptions { control })
         .unwrap()
 }
@@ -372,4 +377,177 @@ fn kill_during_snapshot_leaves_nothing_restorable_half_written() {
             }
         }
     }
+}
+
+fn diff_req(dir: &Path, parent: &Path, resume: bool) -> SnapshotRequest {
+    SnapshotRequest {
+        dir: dir.to_path_buf(),
+        kind: SnapshotKind::Diff,
+        parent: Some(parent.to_path_buf()),
+        resume,
+    }
+}
+
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Runs the (paused or running) source until its counter moves, pauses it and returns its
+/// digest.
+fn run_then_pause(vm: &Vmm) -> String {
+    vm.resume().unwrap();
+    wait_change(vm, counter(vm));
+    vm.pause().unwrap();
+    digest(vm)
+}
+
+#[test]
+fn diff_snapshot_chain_restores_and_merges() {
+    let tmp = tempdir("diff");
+    let (a, b, c) = (tmp.0.join("a"), tmp.0.join("b"), tmp.0.join("c"));
+    let source = counter_guest_with(None, true);
+    wait_change(&source, 0);
+    source.pause().unwrap();
+    source.snapshot(&snapshot_req(&a, false)).unwrap();
+
+    // A page only the VMM writes (as a virtio device does) must be in the next diff.
+    const VMM_WRITTEN: GuestAddress = GuestAddress(0x70_0000);
+    source
+        .memory()
+        .write_obj(0x1122_3344_5566_7788u64, VMM_WRITTEN)
+        .unwrap();
+    run_then_pause(&source);
+    let info = source.snapshot(&diff_req(&b, &a, false)).unwrap();
+    assert_eq!(info.kind, SnapshotKind::Diff);
+    assert!(info.memory_bytes < 8 << 20, "{} bytes", info.memory_bytes);
+    let (a_size, b_size) = (
+        allocated(&a.join("memory.bin")),
+        allocated(&b.join("memory.bin")),
+    );
+    assert!(b_size * 4 < a_size, "diff {b_size} bytes vs full {a_size}");
+
+    let at_c = run_then_pause(&source);
+    let at_c_counter = counter(&source);
+    source.snapshot(&diff_req(&c, &b, false)).unwrap();
+
+    let clone = restore_paused(&c);
+    assert_eq!(digest(&clone), at_c, "C restored is the source at C");
+    assert_eq!(counter(&clone), at_c_counter);
+    let seen: u64 = clone.memory().read_obj(VMM_WRITTEN).unwrap();
+    assert_eq!(seen, 0x1122_3344_5566_7788);
+    clone.resume().unwrap();
+    assert!(wait_change(&clone, at_c_counter) > at_c_counter);
+    clone.stop();
+    clone.wait();
+
+    // Merged into a full snapshot: the same memory, no parent needed.
+    let merged = tmp.0.join("merged");
+    vmm::snapshot::merge(&c, &merged).unwrap();
+    let state = vmm::snapshot::read_state(&merged).unwrap();
+    assert!(state.memory.parent.is_none() && state.memory.pages.is_none());
+    assert!(
+        vmm::snapshot::merge(&c, &merged).is_err(),
+        "never overwrites"
+    );
+    let clone = restore_paused(&merged);
+    assert_eq!(digest(&clone), at_c);
+    clone.stop();
+    clone.wait();
+
+    // Only the VM's previous snapshot can be a parent.
+    let d = tmp.0.join("d");
+    let err = source.snapshot(&diff_req(&d, &a, false)).unwrap_err();
+    assert!(err.to_string().contains("previous snapshot"), "{err}");
+    assert!(!d.exists());
+    let err = source
+        .snapshot(&SnapshotRequest {
+            parent: None,
+            ..diff_req(&d, &c, false)
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("parent"), "{err}");
+    // ...and a refused request leaves C usable as the parent.
+    source.snapshot(&diff_req(&d, &c, false)).unwrap();
+    source.stop();
+    source.wait();
+
+    // A chain that loops back (B's parent edited to be C) is refused.
+    let looped = tmp.0.join("looped");
+    copy_dir(&b, &looped);
+    copy_dir(&c, &tmp.0.join("c2"));
+    let mut state = vmm::snapshot::read_state(&looped).unwrap();
+    let c_state = vmm::snapshot::read_state(&c).unwrap();
+    state.memory.parent = Some(vmm::snapshot::memory::ParentRef {
+        dir: tmp.0.join("c2"),
+        blake3: c_state.memory.blake3.clone(),
+    });
+    vmm::snapshot::format::write_file(&looped.join("state.bin"), &state).unwrap();
+    let mut c2 = c_state;
+    c2.memory.parent = Some(vmm::snapshot::memory::ParentRef {
+        dir: looped.clone(),
+        blake3: state.memory.blake3.clone(),
+    });
+    vmm::snapshot::format::write_file(&tmp.0.join("c2").join("state.bin"), &c2).unwrap();
+    let err = restore_error(&tmp.0.join("c2"));
+    assert!(err.contains("loops back"), "{err}");
+
+    // A missing parent fails the restore, naming it.
+    std::fs::rename(&a, tmp.0.join("a-moved")).unwrap();
+    let err = restore_error(&c);
+    assert!(err.contains(a.to_str().unwrap()), "{err}");
+    // A changed parent too.
+    std::fs::rename(tmp.0.join("a-moved"), &a).unwrap();
+    copy_dir(&merged, &tmp.0.join("x"));
+    std::fs::remove_dir_all(&b).unwrap();
+    std::fs::rename(tmp.0.join("x"), &b).unwrap();
+    let err = restore_error(&c);
+    assert!(err.contains(b.to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn diff_snapshots_need_tracking() {
+    let tmp = tempdir("notrack");
+    let a = tmp.0.join("a");
+    let source = counter_guest(None);
+    wait_change(&source, 0);
+    source.snapshot(&snapshot_req(&a, true)).unwrap();
+    let err = source
+        .snapshot(&diff_req(&tmp.0.join("b"), &a, true))
+        .unwrap_err();
+    assert!(matches!(err, vmm::runtime::VmmError::NotTracking), "{err}");
+    assert!(!tmp.0.join("b").exists());
+    source.stop();
+    source.wait();
+}
+
+#[test]
+fn snapshot_merge_cli_writes_a_full_snapshot() {
+    let tmp = tempdir("mergecli");
+    let a = tmp.0.join("a");
+    take_snapshot(&a);
+    let out = tmp.0.join("out");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_grove-vmm"))
+        .args(["snapshot-merge", "--snapshot"])
+        .arg(&a)
+        .arg("--output")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let vm = restore_paused(&out);
+    assert_eq!(
+        vmm::snapshot::read_state(&out).unwrap().memory.blake3,
+        vmm::snapshot::read_state(&a).unwrap().memory.blake3
+    );
+    vm.stop();
+    vm.wait();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_grove-vmm"))
+        .args(["snapshot-merge", "--snapshot"])
+        .arg(tmp.0.join("missing"))
+        .arg("--output")
+        .arg(tmp.0.join("out2"))
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(2));
 }

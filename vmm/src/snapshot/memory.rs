@@ -16,13 +16,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use vm_memory::mmap::NewBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
-    MmapRegion,
 };
 
-use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::memory::{new_bitmap, GuestMemoryMmap};
 
 /// Copy granularity; all-zero blocks of this size become holes.
 const BLOCK: usize = 64 << 10;
@@ -44,7 +43,24 @@ pub struct RegionState {
 pub struct MemoryState {
     pub regions: Vec<RegionState>,
     pub file_size: u64,
-    /// BLAKE3 of the whole file, hex.
+    /// BLAKE3 of the whole file as written (a diff's holes hash as zeros), hex.
+    pub blake3: String,
+    /// For a diff snapshot: the snapshot its pages apply to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+    /// For a diff snapshot: the pages present in the file, as (first page, page count) runs
+    /// of file page indexes (file offset / 4096), sorted and disjoint. Every other page of
+    /// the file is a hole that is never read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<Vec<(u64, u64)>>,
+}
+
+/// The parent of a diff snapshot: its directory (absolute, as written) and the BLAKE3 of
+/// its memory file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentRef {
+    pub dir: std::path::PathBuf,
     pub blake3: String,
 }
 
@@ -125,9 +141,165 @@ pub fn write(mem: &GuestMemoryMmap, path: &Path) -> Result<MemoryState, MemoryFi
         regions,
         file_size: offset,
         blake3: hasher.finalize().to_hex().to_string(),
+        parent: None,
+        pages: None,
     };
     write_stamp(path, &state.blake3);
     Ok(state)
+}
+
+/// Whether page `page` is set in a dirty bitmap (bit `page % 64` of word `page / 64`).
+fn bit_set(bitmap: &[u64], page: usize) -> bool {
+    bitmap
+        .get(page / 64)
+        .is_some_and(|w| w & (1u64 << (page % 64)) != 0)
+}
+
+/// Writes the pages of `mem` marked in `dirty` (one bitmap per region, in region order, bit
+/// per 4 KiB page) to `path` in the layout of a full memory file; every other page is a hole.
+/// The hash covers the file as written (holes read as zeros).
+pub fn write_diff(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    dirty: &[Vec<u64>],
+    parent: ParentRef,
+) -> Result<MemoryState, MemoryFileError> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = crate::vstate::memory::PAGE_SIZE;
+    let display = path.display().to_string();
+    let werr = |source| MemoryFileError::Write {
+        path: display.clone(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(werr)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut regions = Vec::new();
+    let mut pages: Vec<(u64, u64)> = Vec::new();
+    let mut offset = 0u64;
+    let mut buf = vec![0u8; BLOCK];
+    let zeros = vec![0u8; BLOCK];
+    for (index, region) in mem.iter().enumerate() {
+        let size = region.len();
+        regions.push(RegionState {
+            guest_addr: region.start_addr().0,
+            size,
+            file_offset: offset,
+        });
+        let bitmap = dirty.get(index).map(Vec::as_slice).unwrap_or(&[]);
+        let mut done = 0u64;
+        while done < size {
+            let n = (size - done).min(BLOCK as u64) as usize;
+            let first_page = done as usize / PAGE;
+            if !(first_page..first_page + n.div_ceil(PAGE)).any(|p| bit_set(bitmap, p)) {
+                // Nothing dirty: a hole, hashed as zeros without touching guest memory.
+                hasher.update(&zeros[..n]);
+                done += n as u64;
+                continue;
+            }
+            let chunk = &mut buf[..n];
+            mem.read_slice(chunk, GuestAddress(region.start_addr().0 + done))
+                .map_err(MemoryFileError::Guest)?;
+            for (i, page) in chunk.chunks_mut(PAGE).enumerate() {
+                let page_in_region = (done as usize) / PAGE + i;
+                if !bit_set(bitmap, page_in_region) {
+                    page.fill(0);
+                    continue;
+                }
+                let file_off = offset + done + (i * PAGE) as u64;
+                let file_page = file_off / PAGE as u64;
+                match pages.last_mut() {
+                    Some((first, count)) if *first + *count == file_page => *count += 1,
+                    _ => pages.push((file_page, 1)),
+                }
+                if page.iter().any(|b| *b != 0) {
+                    file.write_all_at(page, file_off).map_err(werr)?;
+                }
+            }
+            hasher.update(chunk);
+            done += n as u64;
+        }
+        offset += size;
+    }
+    file.set_len(offset).map_err(werr)?;
+    file.sync_all().map_err(werr)?;
+    let state = MemoryState {
+        regions,
+        file_size: offset,
+        blake3: hasher.finalize().to_hex().to_string(),
+        parent: Some(parent),
+        pages: Some(pages),
+    };
+    write_stamp(path, &state.blake3);
+    Ok(state)
+}
+
+/// Checks a diff's page list against its layout: runs sorted, disjoint, non-empty, inside
+/// the file.
+pub fn check_pages(state: &MemoryState) -> Result<(), MemoryFileError> {
+    let page = crate::vstate::memory::PAGE_SIZE as u64;
+    let file_pages = state.file_size / page;
+    let mut next = 0u64;
+    for &(first, count) in state.pages.as_deref().unwrap_or(&[]) {
+        let end = first.checked_add(count);
+        if count == 0 || first < next || end.is_none_or(|e| e > file_pages) {
+            return Err(MemoryFileError::Layout(format!(
+                "diff page run {first}+{count} is empty, out of order or past the file"
+            )));
+        }
+        next = end.unwrap_or(u64::MAX);
+    }
+    Ok(())
+}
+
+/// Copies the pages a diff's memory file holds (and only those) into `mem`, whose layout
+/// must be the diff's (checked by the caller).
+pub fn apply_diff(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    state: &MemoryState,
+) -> Result<(), MemoryFileError> {
+    use std::os::unix::fs::FileExt;
+    check_layout(state)?;
+    check_pages(state)?;
+    let page = crate::vstate::memory::PAGE_SIZE as u64;
+    let display = path.display().to_string();
+    let open_err = |source| MemoryFileError::Open {
+        path: display.clone(),
+        source,
+    };
+    let file = File::open(path).map_err(open_err)?;
+    let mut buf = vec![0u8; BLOCK];
+    for &(first, count) in state.pages.as_deref().unwrap_or(&[]) {
+        let mut off = first * page;
+        let end = (first + count) * page;
+        while off < end {
+            // The run may cross a region boundary: copy at most to the region's end.
+            let Some(r) = state
+                .regions
+                .iter()
+                .find(|r| off >= r.file_offset && off < r.file_offset + r.size)
+            else {
+                return Err(MemoryFileError::Layout(format!(
+                    "diff page at file offset {off:#x} is in no region"
+                )));
+            };
+            let n = (end - off)
+                .min(r.file_offset + r.size - off)
+                .min(BLOCK as u64) as usize;
+            file.read_exact_at(&mut buf[..n], off).map_err(open_err)?;
+            mem.write_slice(
+                &buf[..n],
+                GuestAddress(r.guest_addr + (off - r.file_offset)),
+            )
+            .map_err(MemoryFileError::Guest)?;
+            off += n as u64;
+        }
+    }
+    Ok(())
 }
 
 /// A BLAKE3 digest of all guest RAM (hex), as `write` would record it.
@@ -281,42 +453,12 @@ fn check_layout(state: &MemoryState) -> Result<(), MemoryFileError> {
     Ok(())
 }
 
-/// Copies `len` bytes at guest address `gpa` from the memory file back into `mem`, undoing a
-/// write KVM made while the state was being restored. Areas outside the saved RAM are
-/// ignored (the state file is untrusted; a bad MSR value must not fail a restore).
-pub fn rewind(
-    mem: &GuestMemoryMmap,
+/// Maps the memory file privately as guest RAM. Call [`verify`] first.
+pub fn map(
     path: &Path,
     state: &MemoryState,
-    gpa: u64,
-    len: u64,
-) -> Result<(), MemoryFileError> {
-    use std::os::unix::fs::FileExt;
-    let Some(region) = state.regions.iter().find(|r| {
-        gpa >= r.guest_addr
-            && gpa
-                .checked_add(len)
-                .is_some_and(|end| end <= r.guest_addr + r.size)
-    }) else {
-        return Ok(());
-    };
-    let display = path.display().to_string();
-    let file = File::open(path).map_err(|source| MemoryFileError::Open {
-        path: display.clone(),
-        source,
-    })?;
-    let mut buf = vec![0u8; len as usize];
-    file.read_exact_at(&mut buf, region.file_offset + (gpa - region.guest_addr))
-        .map_err(|source| MemoryFileError::Open {
-            path: display,
-            source,
-        })?;
-    mem.write_slice(&buf, GuestAddress(gpa))
-        .map_err(MemoryFileError::Guest)
-}
-
-/// Maps the memory file privately as guest RAM. Call [`verify`] first.
-pub fn map(path: &Path, state: &MemoryState) -> Result<GuestMemoryMmap, MemoryFileError> {
+    track: bool,
+) -> Result<GuestMemoryMmap, MemoryFileError> {
     check_layout(state)?;
     let display = path.display().to_string();
     // Read-only open: MAP_PRIVATE writes never reach the file.
@@ -336,16 +478,15 @@ pub fn map(path: &Path, state: &MemoryState) -> Result<GuestMemoryMmap, MemoryFi
         })?;
         let size = usize::try_from(r.size)
             .map_err(|_| MemoryFileError::Layout("region too large".into()))?;
-        let mapping = MmapRegion::<()>::build(
-            Some(FileOffset::new(clone, r.file_offset)),
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-        )
-        .map_err(|source| MemoryFileError::Map {
-            path: display.clone(),
-            source,
-        })?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, new_bitmap(size, track))
+            .with_file_offset(FileOffset::new(clone, r.file_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|source| MemoryFileError::Map {
+                path: display.clone(),
+                source,
+            })?;
         let region =
             GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or_else(|| {
                 MemoryFileError::Layout(format!("region at {:#x} wraps around", r.guest_addr))
@@ -354,12 +495,6 @@ pub fn map(path: &Path, state: &MemoryState) -> Result<GuestMemoryMmap, MemoryFi
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryFileError::Layout(e.to_string()))
 }
-
-// Keeps the NewBitmap bound visible for the `()` bitmap used above.
-const _: fn() = || {
-    fn assert_bitmap<B: NewBitmap>() {}
-    assert_bitmap::<()>();
-};
 
 #[cfg(test)]
 mod tests {
@@ -394,8 +529,8 @@ mod tests {
         assert!(allocated < 1 << 20, "{allocated} bytes allocated");
 
         verify(&path, &state).unwrap();
-        let a = map(&path, &state).unwrap();
-        let b = map(&path, &state).unwrap();
+        let a = map(&path, &state, false).unwrap();
+        let b = map(&path, &state, false).unwrap();
         assert_eq!(digest(&a).unwrap(), state.blake3);
         a.write_slice(b"clone a", GuestAddress(0x1234)).unwrap();
         let mut got = [0u8; 5];
@@ -431,6 +566,79 @@ mod tests {
     }
 
     #[test]
+    fn a_diff_holds_only_dirty_pages_and_applies_over_its_parent() {
+        let d = dir("diff");
+        let mem = crate::vstate::memory::create_anonymous_tracked(1 << 20, true).unwrap();
+        mem.write_slice(&[1u8; 8192], GuestAddress(0)).unwrap();
+        let base_path = d.0.join("base.bin");
+        let base = write(&mem, &base_path).unwrap();
+        // Pages 3 and 4 changed, page 1 too (to zeros); page 0 did not.
+        mem.write_slice(&[7u8; 8192], GuestAddress(3 * 4096))
+            .unwrap();
+        mem.write_slice(&[0u8; 4096], GuestAddress(4096)).unwrap();
+        let mut bitmap = vec![0u64; (1 << 20) / 4096 / 64];
+        bitmap[0] = 0b11010;
+        let parent = ParentRef {
+            dir: "/parent".into(),
+            blake3: base.blake3.clone(),
+        };
+        let diff_path = d.0.join("diff.bin");
+        let diff = write_diff(&mem, &diff_path, &[bitmap], parent).unwrap();
+        assert_eq!(diff.pages, Some(vec![(1, 1), (3, 2)]));
+        assert_eq!(diff.file_size, 1 << 20);
+        verify(&diff_path, &diff).unwrap();
+        let allocated = std::fs::metadata(&diff_path).unwrap().blocks() * 512;
+        assert!(allocated <= 64 << 10, "{allocated} bytes allocated");
+
+        let restored = map(&base_path, &base, false).unwrap();
+        apply_diff(&restored, &diff_path, &diff).unwrap();
+        assert_eq!(digest(&restored).unwrap(), digest(&mem).unwrap());
+    }
+
+    #[test]
+    fn vmm_writes_mark_the_bitmap_only_when_tracking() {
+        let mem = crate::vstate::memory::create_anonymous_tracked(1 << 20, true).unwrap();
+        mem.write_obj(1u64, GuestAddress(5 * 4096 + 8)).unwrap();
+        let region = mem.iter().next().unwrap();
+        let bits = std::ops::Deref::deref(region)
+            .bitmap()
+            .as_ref()
+            .unwrap()
+            .get_and_reset();
+        assert_eq!(bits[0], 1 << 5);
+        let plain = crate::vstate::memory::create_anonymous(1 << 20).unwrap();
+        assert!(std::ops::Deref::deref(plain.iter().next().unwrap())
+            .bitmap()
+            .is_none());
+    }
+
+    #[test]
+    fn hostile_page_lists_are_refused() {
+        let mut s = MemoryState {
+            regions: vec![RegionState {
+                guest_addr: 0,
+                size: 8192,
+                file_offset: 0,
+            }],
+            file_size: 8192,
+            blake3: String::new(),
+            parent: None,
+            pages: Some(vec![(0, 2)]),
+        };
+        check_pages(&s).unwrap();
+        for bad in [
+            vec![(0, 3)],
+            vec![(1, 1), (0, 1)],
+            vec![(0, 1), (0, 1)],
+            vec![(0, 0)],
+            vec![(u64::MAX, 2)],
+        ] {
+            s.pages = Some(bad.clone());
+            assert!(check_pages(&s).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn hostile_layouts_are_refused() {
         let ok = MemoryState {
             regions: vec![RegionState {
@@ -440,6 +648,8 @@ mod tests {
             }],
             file_size: 8192,
             blake3: String::new(),
+            parent: None,
+            pages: None,
         };
         check_layout(&ok).unwrap();
         let mut s = ok.clone();

@@ -70,6 +70,133 @@ pub enum SnapshotError {
     Format(#[from] format::FormatError),
     #[error(transparent)]
     Memory(#[from] memory::MemoryFileError),
+    #[error("parent snapshot {parent} of {child} cannot be used: {reason}")]
+    Parent {
+        parent: String,
+        child: String,
+        reason: String,
+    },
+    #[error("snapshot chain of {0} is longer than {MAX_CHAIN} snapshots")]
+    ChainTooLong(String),
+    #[error("snapshot chain of {dir} loops back to {parent}")]
+    ChainLoop { dir: String, parent: String },
+}
+
+/// Most snapshots in a diff chain (the full base included).
+pub const MAX_CHAIN: usize = 64;
+
+/// One snapshot of a chain: its directory and memory description.
+#[derive(Debug)]
+pub struct ChainLink {
+    pub dir: PathBuf,
+    pub memory: memory::MemoryState,
+}
+
+/// Resolves the chain of `dir` (whose state is `state`), newest first and ending with the
+/// full snapshot it is based on, and verifies every memory file (size and hash). Each parent
+/// must exist, have the memory hash its child recorded and the same layout.
+pub fn resolve_chain(
+    dir: &Path,
+    memory_state: &memory::MemoryState,
+) -> Result<Vec<ChainLink>, SnapshotError> {
+    let mut chain = vec![ChainLink {
+        dir: dir.to_path_buf(),
+        memory: memory_state.clone(),
+    }];
+    let mut seen = vec![std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf())];
+    while let Some(child) = chain.last() {
+        let Some(parent) = child.memory.parent.clone() else {
+            break;
+        };
+        let child_dir = child.dir.display().to_string();
+        let parent_display = parent.dir.display().to_string();
+        let bad = |reason: String| SnapshotError::Parent {
+            parent: parent_display.clone(),
+            child: child_dir.clone(),
+            reason,
+        };
+        if child.memory.pages.is_none() {
+            return Err(bad("the child has a parent but no page list".into()));
+        }
+        if chain.len() >= MAX_CHAIN {
+            return Err(SnapshotError::ChainTooLong(dir.display().to_string()));
+        }
+        let canonical = std::fs::canonicalize(&parent.dir).unwrap_or_else(|_| parent.dir.clone());
+        if seen.contains(&canonical) {
+            return Err(SnapshotError::ChainLoop {
+                dir: dir.display().to_string(),
+                parent: parent_display,
+            });
+        }
+        seen.push(canonical);
+        let state = read_state(&parent.dir).map_err(|e| bad(e.to_string()))?;
+        if state.memory.blake3 != parent.blake3 {
+            return Err(bad(
+                "its memory is not the one the child was taken from".into()
+            ));
+        }
+        if state.memory.regions != child.memory.regions
+            || state.memory.file_size != child.memory.file_size
+        {
+            return Err(bad("its memory layout differs from the child's".into()));
+        }
+        chain.push(ChainLink {
+            dir: parent.dir,
+            memory: state.memory,
+        });
+    }
+    if let Some(base) = chain.last().filter(|l| l.memory.pages.is_some()) {
+        return Err(SnapshotError::Parent {
+            parent: base.dir.display().to_string(),
+            child: dir.display().to_string(),
+            reason: "it lists diff pages but has no parent".into(),
+        });
+    }
+    for link in &chain {
+        memory::verify(&link.dir.join(MEMORY_FILE), &link.memory).map_err(|e| {
+            if link.dir == dir {
+                SnapshotError::from(e)
+            } else {
+                SnapshotError::Parent {
+                    parent: link.dir.display().to_string(),
+                    child: dir.display().to_string(),
+                    reason: e.to_string(),
+                }
+            }
+        })?;
+    }
+    Ok(chain)
+}
+
+/// Builds the guest memory of a snapshot: its chain's full base mapped `MAP_PRIVATE`, then
+/// each diff's pages copied over it, oldest first. `chain` comes from [`resolve_chain`].
+pub fn map_chain(
+    chain: &[ChainLink],
+    track: bool,
+) -> Result<crate::vstate::memory::GuestMemoryMmap, SnapshotError> {
+    let Some((base, diffs)) = chain.split_last() else {
+        return Err(SnapshotError::NotADirectory(
+            "an empty snapshot chain".into(),
+        ));
+    };
+    let mem = memory::map(&base.dir.join(MEMORY_FILE), &base.memory, track)?;
+    for link in diffs.iter().rev() {
+        memory::apply_diff(&mem, &link.dir.join(MEMORY_FILE), &link.memory)?;
+    }
+    Ok(mem)
+}
+
+/// Writes the snapshot `dir` (full or diff) as the full snapshot `output`, atomically: the
+/// same state with its memory resolved through the chain. Returns the memory file's size.
+pub fn merge(dir: &Path, output: &Path) -> Result<u64, SnapshotError> {
+    let mut state = read_state(dir)?;
+    let chain = resolve_chain(dir, &state.memory)?;
+    let mem = map_chain(&chain, false)?;
+    write_atomically(output, |tmp| {
+        state.memory = memory::write(&mem, &tmp.join(MEMORY_FILE))?;
+        format::write_file(&tmp.join(STATE_FILE), &state)?;
+        Ok(state.memory.file_size)
+    })
 }
 
 fn io(step: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {

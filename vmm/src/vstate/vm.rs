@@ -2,7 +2,8 @@
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,12 @@ pub enum VmError {
     Pit(#[source] kvm_ioctls::Error),
     #[error("cannot register guest memory slot {slot} with KVM")]
     MemorySlot {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot read the dirty page log of memory slot {slot}")]
+    DirtyLog {
         slot: u32,
         #[source]
         source: kvm_ioctls::Error,
@@ -107,7 +114,17 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Whether dirty pages are tracked: the memory was created with dirty bitmaps.
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.memory.iter().any(|r| r.bitmap().is_some())
+    }
+
     fn register_memory(&self) -> Result<(), VmError> {
+        let flags = if self.tracks_dirty_pages() {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
         for (slot, region) in self.memory.iter().enumerate() {
             let slot = slot as u32;
             let mem_region = kvm_userspace_memory_region {
@@ -115,7 +132,7 @@ impl Vm {
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
-                flags: 0,
+                flags,
             };
             // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by
             // `self.memory`, which the VM keeps until it is dropped, so KVM never sees a
@@ -124,6 +141,31 @@ impl Vm {
                 .map_err(|source| VmError::MemorySlot { slot, source })?;
         }
         Ok(())
+    }
+
+    /// Reads and clears the pages written since the last call (or since the VM started): per
+    /// memory slot, in region order, a bitmap with bit `p % 64` of word `p / 64` set when page
+    /// `p` of the region was written by the guest (KVM dirty log) or by the VMM (the region's
+    /// bitmap). Only for a tracking VM whose vCPUs are paused and devices idle.
+    pub fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        let mut out = Vec::new();
+        for (slot, region) in self.memory.iter().enumerate() {
+            let len = region.len() as usize;
+            let mut bits =
+                self.fd
+                    .get_dirty_log(slot as u32, len)
+                    .map_err(|source| VmError::DirtyLog {
+                        slot: slot as u32,
+                        source,
+                    })?;
+            if let Some(bitmap) = std::ops::Deref::deref(region).bitmap() {
+                for (word, device) in bits.iter_mut().zip(bitmap.get_and_reset()) {
+                    *word |= device;
+                }
+            }
+            out.push(bits);
+        }
+        Ok(out)
     }
 
     /// Reads the VM-wide state. The vCPUs must be paused.

@@ -23,7 +23,7 @@ pub const MEM_SIZE: usize = 0x10_0000;
 pub const DATA_BASE: u64 = 0x1_0000;
 
 pub fn guest_mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    crate::vstate::memory::create_anonymous(MEM_SIZE as u64).unwrap()
 }
 
 /// A descriptor the device reads (`writable == false`) or writes.

@@ -16,12 +16,12 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 
+use crate::vstate::memory::{MemReader as Reader, MemWriter as Writer};
 use log::{debug, warn};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use virtio_queue::{Reader, Writer};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::SECTOR_SIZE;

@@ -3,8 +3,8 @@
 use std::fs::File;
 use std::io::{Read, Write};
 
+use crate::vstate::memory::MemWriter as Writer;
 use log::{debug, warn};
-use virtio_queue::Writer;
 
 use crate::devices::virtio::device_state::Chain;
 use crate::vstate::memory::GuestMemoryMmap;
