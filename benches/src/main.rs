@@ -178,21 +178,7 @@ fn rss_split(pid: u32, guest_kb: u64) -> anyhow::Result<(u64, u64)> {
 }
 
 fn bench_memory(vmm: &Path, memory: u64) -> anyhow::Result<()> {
-    let set = images();
-    let mut vm = VmProcess::spawn(
-        vmm,
-        [
-            "run".to_string(),
-            "--kernel".into(),
-            set.vmlinux.display().to_string(),
-            "--rootfs".into(),
-            format!("{},ro", set.rootfs.display()),
-            "--memory".into(),
-            memory.to_string(),
-        ],
-    );
-    vm.wait_for("GROVE-INIT-READY", BOOT_TIMEOUT)
-        .map_err(anyhow::Error::msg)?;
+    let mut vm = boot_default(vmm, memory, None)?;
     // Let the guest settle at its shell prompt.
     std::thread::sleep(Duration::from_secs(2));
     let (total_kb, guest_kb) = rss_split(vm.pid(), memory * 1024)?;
@@ -211,23 +197,24 @@ fn bench_memory(vmm: &Path, memory: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Boots the default image with a control socket and waits for its shell.
-fn boot_with_control(vmm: &Path, memory: u64, sock: &Path) -> anyhow::Result<VmProcess> {
+/// Boots the default image (root filesystem read-only), with a control socket if asked,
+/// and waits for its shell.
+fn boot_default(vmm: &Path, memory: u64, sock: Option<&Path>) -> anyhow::Result<VmProcess> {
     let set = images();
-    let mut vm = VmProcess::spawn(
-        vmm,
-        [
-            "run".to_string(),
-            "--kernel".into(),
-            set.vmlinux.display().to_string(),
-            "--rootfs".into(),
-            format!("{},ro", set.rootfs.display()),
-            "--memory".into(),
-            memory.to_string(),
-            "--control".into(),
-            sock.display().to_string(),
-        ],
-    );
+    let mut args = vec![
+        "run".to_string(),
+        "--kernel".into(),
+        set.vmlinux.display().to_string(),
+        "--rootfs".into(),
+        format!("{},ro", set.rootfs.display()),
+        "--memory".into(),
+        memory.to_string(),
+    ];
+    if let Some(sock) = sock {
+        args.push("--control".into());
+        args.push(sock.display().to_string());
+    }
+    let mut vm = VmProcess::spawn(vmm, args);
     vm.wait_for("GROVE-INIT-READY", BOOT_TIMEOUT)
         .map_err(anyhow::Error::msg)?;
     Ok(vm)
@@ -262,7 +249,7 @@ fn bench_snapshot(vmm: &Path, sizes: &[u64]) -> anyhow::Result<()> {
     println!("host: {}", host_description());
     for &mib in sizes {
         let sock = work.path().join(format!("vm{mib}.sock"));
-        let mut vm = boot_with_control(vmm, mib, &sock)?;
+        let mut vm = boot_default(vmm, mib, Some(&sock))?;
         // A freshly booted guest: filling its memory from inside would take many minutes
         // under PVM's emulated kernel, so untouched RAM stays zero (holes in the file).
         let _ = &mut vm;
@@ -305,7 +292,7 @@ fn bench_restore(vmm: &Path, runs: u32, clones: u32, memory: u64) -> anyhow::Res
     }
     let work = TempDir::new("bench-restore");
     let sock = work.path().join("source.sock");
-    let mut source = boot_with_control(vmm, memory, &sock)?;
+    let mut source = boot_default(vmm, memory, Some(&sock))?;
     // A guest that prints continuously (shell builtins only), so the first console output
     // after a restore comes right after its vCPUs run.
     source.send_line("while :; do echo T; done > /dev/console &");
