@@ -50,13 +50,26 @@ const DIRS: [(&str, u32); 14] = [
 /// `linuxrc` is for initrds; the others are replaced by committed files.
 const SKIPPED_APPLETS: [&str; 2] = ["bin/busybox", "linuxrc"];
 
-/// Where the compiled `rootfs/grove-init.c` goes.
-const INIT: &str = "sbin/init";
+/// The committed C programs (input path) and where their binaries go (image path).
+/// Each is compiled by [`compile_program`].
+const PROGRAMS: [(&str, &str); 2] = [
+    ("rootfs/grove-init.c", "sbin/init"),
+    ("rootfs/grove-disktool.c", "usr/bin/grove-disktool"),
+];
 
-/// Compiles the tiny init: freestanding, static, no libc, reproducible (no build id).
-fn compile_init(cc: &Path, work: &Path, source: &[u8]) -> Result<Vec<u8>, ImagesError> {
-    let src = work.join("grove-init.c");
-    let bin = work.join("grove-init");
+/// Compiles one committed C program (`rootfs/NAME.c`): freestanding, static, no libc,
+/// reproducible (no build id). Every program gets exactly these flags.
+fn compile_program(
+    cc: &Path,
+    work: &Path,
+    input: &str,
+    source: &[u8],
+) -> Result<Vec<u8>, ImagesError> {
+    let name = Path::new(input)
+        .file_stem()
+        .ok_or_else(|| ImagesError::Unexpected(format!("no file name in {input}")))?;
+    let src = work.join(Path::new(name).with_extension("c"));
+    let bin = work.join(name);
     cmd::write_file(&src, source)?;
     cmd::run_captured(
         Command::new(cc)
@@ -71,13 +84,14 @@ fn compile_init(cc: &Path, work: &Path, source: &[u8]) -> Result<Vec<u8>, Images
                 "-fno-pic",
                 "-no-pie",
                 "-Wall",
+                "-Wextra",
                 "-Werror",
                 "-Wl,--build-id=none",
                 "-o",
             ])
             .arg(&bin)
             .arg(&src),
-        "compiling the init (rootfs/grove-init.c)",
+        &format!("compiling images/{input}"),
     )?;
     fs::read(&bin).map_err(|e| ImagesError::io("read", &bin, e))
 }
@@ -112,9 +126,11 @@ pub(crate) fn is_complete(dir: &Path) -> bool {
 
 /// Where a committed `rootfs/...` input goes in the image, with its mode.
 fn destinations(input: &str) -> Result<Vec<(String, u32)>, ImagesError> {
+    // Compiled by `compile_program`: the contents staged are the binary, not the source.
+    if let Some((_, dest)) = PROGRAMS.iter().find(|(source, _)| *source == input) {
+        return Ok(vec![((*dest).to_owned(), 0o755)]);
+    }
     match input {
-        // Compiled by `compile_init`: the contents staged are the binary, not the source.
-        "rootfs/grove-init.c" => Ok(vec![(INIT.to_owned(), 0o755)]),
         "rootfs/rc" => Ok(vec![("etc/grove/rc".to_owned(), 0o755)]),
         "rootfs/poweroff" => Ok(vec![
             ("sbin/poweroff".to_owned(), 0o755),
@@ -218,13 +234,17 @@ pub(crate) fn build(
         "rootfs: staging busybox, {links} applet links, {} committed files",
         inputs.len()
     ));
-    let init_source = inputs
-        .iter()
-        .find(|i| i.path == "rootfs/grove-init.c")
-        .ok_or_else(|| ImagesError::Unexpected("images/rootfs/grove-init.c is missing".into()))?;
-    let init = compile_init(&tools.cc, &work, init_source.contents)?;
+    let mut binaries = BTreeMap::new();
+    for (source, dest) in PROGRAMS {
+        let input = inputs
+            .iter()
+            .find(|i| i.path == source)
+            .ok_or_else(|| ImagesError::Unexpected(format!("images/{source} is missing")))?;
+        let binary = compile_program(&tools.cc, &work, source, input.contents)?;
+        binaries.insert(dest.to_owned(), binary);
+    }
     let root = work.join("root");
-    stage(&root, &entries, &busybox_bin, &init, &inputs)?;
+    stage(&root, &entries, &busybox_bin, &binaries, &inputs)?;
 
     let image = work.join(IMAGE);
     progress(format_args!(
@@ -274,7 +294,7 @@ fn stage(
     root: &Path,
     entries: &BTreeMap<String, Entry>,
     busybox: &Path,
-    init: &[u8],
+    binaries: &BTreeMap<String, Vec<u8>>,
     inputs: &[Input],
 ) -> Result<(), ImagesError> {
     cmd::create_dir_all(root)?;
@@ -286,7 +306,9 @@ fn stage(
     }
     let busybox_bytes = fs::read(busybox).map_err(|e| ImagesError::io("read", busybox, e))?;
     contents.insert("bin/busybox".to_owned(), &busybox_bytes);
-    contents.insert(INIT.to_owned(), init);
+    for (dest, binary) in binaries {
+        contents.insert(dest.clone(), binary);
+    }
 
     // BTreeMap order puts every directory before the paths below it.
     for (rel, entry) in entries {
@@ -386,13 +408,18 @@ fn fix_inodes(
     Ok(())
 }
 
-/// Checks the finished image: a clean fsck, and init and busybox owned by root.
+/// Checks the finished image: a clean fsck, and the programs owned by root.
 fn verify(tools: &Tools, image: &Path) -> Result<(), ImagesError> {
     cmd::run_captured(
         Command::new(&tools.e2fsck).arg("-fn").arg(image),
         "checking the root filesystem (e2fsck -fn)",
     )?;
-    for path in ["/sbin/init", "/bin/busybox", "/etc/passwd"] {
+    for path in [
+        "/sbin/init",
+        "/usr/bin/grove-disktool",
+        "/bin/busybox",
+        "/etc/passwd",
+    ] {
         let stat = cmd::run_captured(
             Command::new(&tools.debugfs)
                 .arg("-R")
@@ -476,6 +503,110 @@ mod tests {
             .iter()
             .any(|i| i.path == "rootfs/grove-init.c"));
         assert!(inputs::rootfs().iter().any(|i| i.path == "rootfs/rc"));
+        for (source, dest) in PROGRAMS {
+            assert!(
+                inputs::rootfs().iter().any(|i| i.path == source),
+                "{source}"
+            );
+            assert_eq!(
+                destinations(source).expect("mapped"),
+                vec![(dest.to_owned(), 0o755)]
+            );
+        }
+        let entries = plan("", &inputs::rootfs()).expect("valid plan");
+        assert_eq!(entries["usr/bin/grove-disktool"], Entry::File(0o755));
+        assert_eq!(entries["sbin/init"], Entry::File(0o755));
+    }
+
+    /// Compiles `rootfs/grove-disktool.c` for the host with the image's flags and runs it
+    /// on a regular file: bench in every mode, fsync-loop, verify (good and bad), usage.
+    #[test]
+    fn disktool_works_on_a_host_file() {
+        let cc = cmd::require_tool("cc", "gcc").expect("a C compiler");
+        // Not tmpfs if avoidable: the tool falls back from O_DIRECT there, which is fine,
+        // but a real file system exercises the O_DIRECT path.
+        let base = ["/var/tmp", "/tmp"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|dir| dir.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let work = base.join(format!("grove-disktool-test.{}", std::process::id()));
+        cmd::remove_dir_if_exists(&work).expect("clean work dir");
+        cmd::create_dir_all(&work).expect("work dir");
+        let source = inputs::rootfs()
+            .into_iter()
+            .find(|i| i.path == "rootfs/grove-disktool.c")
+            .expect("committed source");
+        let binary = compile_program(&cc, &work, source.path, source.contents).expect("compiles");
+        assert!(binary.starts_with(b"\x7fELF"));
+        let tool = work.join("grove-disktool");
+        let disk = work.join("disk.img");
+        File::create(&disk)
+            .and_then(|f| f.set_len(8 << 20))
+            .expect("disk file");
+        let run = |args: &[&str]| {
+            let output = Command::new(&tool)
+                .args(args)
+                .output()
+                .expect("run grove-disktool");
+            (
+                output.status.code(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        };
+        let disk_arg = disk.to_str().expect("UTF-8 path");
+
+        for mode in ["seq-write", "seq-read", "rand-write", "rand-read"] {
+            let (code, out, err) = run(&["bench", disk_arg, mode, "4"]);
+            assert_eq!(code, Some(0), "{mode}: {err}");
+            let prefix = format!("GROVE-DISKTOOL mode={mode} bytes=4194304 block=4096 seconds=");
+            assert!(out.starts_with(&prefix), "{out}");
+            assert!(
+                out.contains(" mib_per_s=") && out.contains(" iops="),
+                "{out}"
+            );
+            assert_eq!(out.lines().count(), 1, "{out}");
+        }
+        // Every 8-byte word of a bench block is 0x4756 << 48 | block index.
+        let bytes = fs::read(&disk).expect("read disk");
+        for (index, block) in bytes[..4 << 20].chunks(4096).enumerate() {
+            let want = (0x4756u64 << 48 | index as u64).to_le_bytes();
+            assert!(block.chunks(8).all(|w| w == want), "block {index}");
+        }
+        let (code, out, _) = run(&["bench", disk_arg, "seq-read", "8", "64"]);
+        assert_eq!(code, Some(0));
+        assert!(out.contains(" bytes=8388608 block=65536 "), "{out}");
+        // Past the end of the file: an error, not a figure.
+        let (code, out, err) = run(&["bench", disk_arg, "seq-read", "9"]);
+        assert_eq!((code, out.as_str()), (Some(1), ""), "{err}");
+        assert!(err.contains("device end"), "{err}");
+
+        let (code, out, err) = run(&["fsync-loop", disk_arg, "3", "4"]);
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(out, "ACK 3\nACK 4\nACK 5\nACK 6\n");
+        let bytes = fs::read(&disk).expect("read disk");
+        let record = &bytes[5 * 4096..6 * 4096];
+        assert_eq!(&record[..32], b"GROVE-REC0000000000000005\n\n\n\n\n\n\n");
+        let fill = (5u32 * 31 + 0xa5) as u8;
+        assert!(record[32..].iter().all(|&b| b == fill));
+        assert_eq!(run(&["verify", disk_arg, "3", "4"]).1, "VERIFY-OK 4\n");
+        let (code, out, _) = run(&["verify", disk_arg, "3", "5"]);
+        assert_eq!((code, out.as_str()), (Some(1), "VERIFY-BAD 7\n"));
+
+        for bad in [
+            &["bench", disk_arg, "seq-copy", "4"][..],
+            &["bench", disk_arg, "seq-read", "1", "3"],
+            &["bench", disk_arg, "seq-read", "x"],
+            &["verify", disk_arg, "0"],
+            &["fsync-loop", disk_arg, "0", "-1"],
+            &[],
+        ] {
+            let (code, out, err) = run(bad);
+            assert_eq!((code, out.as_str()), (Some(2), ""), "{bad:?}");
+            assert!(err.starts_with("usage: grove-disktool ") && err.lines().count() == 1);
+        }
+        cmd::remove_dir_if_exists(&work).expect("remove work dir");
     }
 
     #[test]

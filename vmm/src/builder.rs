@@ -384,8 +384,14 @@ fn setup_devices(
         devices.attach_block(
             vm,
             BlockConfig {
-                path: disk.path.clone(),
-                read_only: disk.read_only,
+                disk: crate::disk::OpenOptions {
+                    path: disk.path.clone(),
+                    format: disk.format,
+                    read_only: disk.read_only,
+                    allow_backing: disk.allow_backing,
+                    max_depth: disk.max_chain_depth,
+                    frozen_backing: None,
+                },
                 id: disk.id.clone().unwrap_or_else(|| format!("disk{i}")),
             },
         )?;

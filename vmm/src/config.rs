@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::disk::{DiskFormat, MAX_CHAIN_DEPTH_LIMIT};
 use crate::vstate::cpuid::CpuTemplate;
 
 /// Most vCPUs a VM may have.
@@ -27,7 +28,11 @@ fn default_true() -> bool {
     true
 }
 
-/// A virtio block device backed by a raw file.
+fn default_max_chain_depth() -> usize {
+    crate::disk::DEFAULT_MAX_CHAIN_DEPTH
+}
+
+/// A virtio block device backed by a disk image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
@@ -37,6 +42,30 @@ pub struct DiskConfig {
     /// Serial number returned to the guest (VIRTIO_BLK_T_GET_ID); defaults to `diskN`.
     #[serde(default)]
     pub id: Option<String>,
+    /// The image's format; never guessed from its contents.
+    #[serde(default)]
+    pub format: DiskFormat,
+    /// Follow the backing files a qcow2 image names (each must state its format). Without
+    /// it, a qcow2 image with a backing file is refused.
+    #[serde(default)]
+    pub allow_backing: bool,
+    /// Most layers the disk's chain may have (active layer and base included).
+    #[serde(default = "default_max_chain_depth")]
+    pub max_chain_depth: usize,
+}
+
+impl DiskConfig {
+    /// A raw image with the defaults.
+    pub fn raw(path: impl Into<PathBuf>, read_only: bool) -> Self {
+        Self {
+            path: path.into(),
+            read_only,
+            id: None,
+            format: DiskFormat::Raw,
+            allow_backing: false,
+            max_chain_depth: default_max_chain_depth(),
+        }
+    }
 }
 
 /// A whole VM.
@@ -97,6 +126,10 @@ pub enum ConfigError {
     EmptyDiskPath,
     #[error("the command line contains a NUL byte")]
     CmdlineNul,
+    #[error(
+        "disk {path}: max_chain_depth must be between 1 and {MAX_CHAIN_DEPTH_LIMIT}, got {depth}"
+    )]
+    ChainDepth { path: String, depth: usize },
 }
 
 impl VmConfig {
@@ -173,6 +206,12 @@ impl VmConfig {
                     return Err(ConfigError::DiskIdTooLong(id.clone()));
                 }
             }
+            if disk.max_chain_depth == 0 || disk.max_chain_depth > MAX_CHAIN_DEPTH_LIMIT {
+                return Err(ConfigError::ChainDepth {
+                    path: disk.path.display().to_string(),
+                    depth: disk.max_chain_depth,
+                });
+            }
         }
         Ok(())
     }
@@ -192,11 +231,7 @@ mod tests {
 
     fn valid() -> VmConfig {
         let mut c = VmConfig::new("/k");
-        c.rootfs = Some(DiskConfig {
-            path: "/r".into(),
-            read_only: false,
-            id: None,
-        });
+        c.rootfs = Some(DiskConfig::raw("/r", false));
         c
     }
 
@@ -221,20 +256,15 @@ mod tests {
             Err(ConfigError::MemoryTooLarge { .. })
         ));
         let mut c = valid();
-        c.disks.push(DiskConfig {
-            path: "/r".into(),
-            read_only: true,
-            id: None,
-        });
+        c.disks.push(DiskConfig::raw("/r", true));
         assert!(matches!(
             c.validate(None),
             Err(ConfigError::DuplicateDisk(_))
         ));
         let mut c = valid();
         c.disks.push(DiskConfig {
-            path: "/d".into(),
-            read_only: true,
             id: Some("x".repeat(21)),
+            ..DiskConfig::raw("/d", true)
         });
         assert!(matches!(
             c.validate(None),

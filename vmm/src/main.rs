@@ -12,9 +12,12 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use vmm::builder::{RestoreOptions, StartOptions};
+use vmm::disk::DiskFormat;
 use vmm::vstate::cpuid::CpuTemplate;
 use vmm::{ConsoleIo, DiskConfig, VmConfig};
 use vmm_sys_util::terminal::Terminal;
+
+mod disk_cmd;
 
 #[derive(Parser)]
 #[command(name = "grove-vmm", version, about = "Grove's KVM micro-VM monitor")]
@@ -31,6 +34,9 @@ enum Command {
     Restore(RestoreArgs),
     /// Write a snapshot (a diff with its chain of parents, or a full one) as a full snapshot.
     SnapshotMerge(MergeArgs),
+    /// Create, inspect and compact disk images and their chains of layers.
+    #[command(subcommand)]
+    Disk(disk_cmd::DiskCommand),
 }
 
 #[derive(Args)]
@@ -91,8 +97,9 @@ struct RunArgs {
     /// Guest kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage.
     #[arg(long, value_name = "FILE", required_unless_present = "config")]
     kernel: Option<PathBuf>,
-    /// Root filesystem image, attached as /dev/vda: PATH or PATH,ro.
-    #[arg(long, value_name = "PATH[,ro]")]
+    /// Root filesystem image, attached as /dev/vda: PATH[,ro][,raw|qcow2][,backing]
+    /// (backing: follow the backing files a qcow2 image names).
+    #[arg(long, value_name = "PATH[,OPT]...")]
     rootfs: Option<String>,
     /// Initial ramdisk.
     #[arg(long, value_name = "FILE")]
@@ -107,8 +114,8 @@ struct RunArgs {
     /// root and device arguments are still appended.
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     cmdline: Option<String>,
-    /// Extra disk (repeatable), /dev/vdb onwards: PATH or PATH,ro.
-    #[arg(long, value_name = "PATH[,ro]")]
+    /// Extra disk (repeatable), /dev/vdb onwards: PATH[,ro][,raw|qcow2][,backing].
+    #[arg(long, value_name = "PATH[,OPT]...")]
     disk: Vec<String>,
     /// Write the guest console to this file instead of standard output.
     #[arg(long, value_name = "FILE")]
@@ -127,18 +134,25 @@ struct RunArgs {
     track_dirty_pages: bool,
 }
 
+/// `PATH[,OPTION]...`: `ro` / `rw`, `raw` / `qcow2`, and `backing` (follow the backing
+/// files a qcow2 image names).
 fn parse_disk(spec: &str) -> anyhow::Result<DiskConfig> {
-    let (path, read_only) = match spec.rsplit_once(',') {
-        Some((p, "ro")) => (p, true),
-        Some((p, "rw")) => (p, false),
-        Some((_, opt)) => bail!("unknown disk option {opt:?} in {spec:?} (expected ro or rw)"),
-        None => (spec, false),
-    };
-    Ok(DiskConfig {
-        path: path.into(),
-        read_only,
-        id: None,
-    })
+    let mut parts = spec.split(',');
+    let path = parts.next().unwrap_or_default();
+    let mut disk = DiskConfig::raw(path, false);
+    for opt in parts {
+        match opt {
+            "ro" => disk.read_only = true,
+            "rw" => disk.read_only = false,
+            "raw" => disk.format = DiskFormat::Raw,
+            "qcow2" => disk.format = DiskFormat::Qcow2,
+            "backing" => disk.allow_backing = true,
+            _ => bail!(
+                "unknown disk option {opt:?} in {spec:?} (expected ro, rw, raw, qcow2 or backing)"
+            ),
+        }
+    }
+    Ok(disk)
 }
 
 impl RunArgs {
@@ -314,5 +328,6 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args, start),
         Command::Restore(args) => restore(args, start),
         Command::SnapshotMerge(args) => snapshot_merge(args),
+        Command::Disk(cmd) => disk_cmd::run(cmd),
     }
 }

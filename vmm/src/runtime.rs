@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use crate::config::VmConfig;
 use crate::control::protocol::{
-    ErrorCode, Request, Response, SnapshotInfo, SnapshotKind, SnapshotRequest, StatusInfo,
-    VmRunState,
+    DiskStatus, ErrorCode, Request, Response, SnapshotInfo, SnapshotKind, SnapshotRequest,
+    StatusInfo, VmRunState,
 };
 use crate::control::ControlHandler;
-use crate::device_manager::{flush_disks, save_devices, Devices};
+use crate::device_manager::{branch_disks, flush_disks, save_devices, Devices};
 use crate::devices::legacy::BootTimer;
 use crate::event_loop::EventLoop;
 use crate::exit::{ExitNotifier, VmExit};
@@ -45,6 +45,8 @@ pub enum VmmError {
     WrongParent { parent: String, hint: String },
     #[error("cannot flush the disks before the snapshot")]
     Flush(#[source] std::io::Error),
+    #[error("cannot branch the disks for the snapshot")]
+    Branch(#[source] crate::disk::DiskError),
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
@@ -252,13 +254,15 @@ impl VmmShared {
             self.resume_locked()?;
             pause = paused_at.elapsed();
         }
-        let memory_bytes = result?;
+        let written = result?;
         Ok(SnapshotInfo {
             dir: req.dir.clone(),
             kind: req.kind,
             pause_ms: ms(pause),
+            frozen_layers: written.frozen_layers,
+            disk_branch_ms: ms(written.disk_branch),
             total_ms: ms(t0.elapsed()),
-            memory_bytes,
+            memory_bytes: written.memory_bytes,
         })
     }
 
@@ -271,18 +275,18 @@ impl VmmShared {
     /// A tracking VM reads and clears its dirty log at every snapshot, so the next diff is
     /// relative to this one; if the snapshot then fails, no diff can follow it until a new
     /// snapshot succeeds.
-    fn write_snapshot(&self, dir: &Path, parent: Option<ParentRef>) -> Result<u64, VmmError> {
+    fn write_snapshot(&self, dir: &Path, parent: Option<ParentRef>) -> Result<Written, VmmError> {
         let tracking = self.vm.tracks_dirty_pages();
         if dir.exists() {
             // Refused before the dirty log is touched: the previous snapshot stays a parent.
             return Err(SnapshotError::Exists(dir.display().to_string()).into());
         }
-        let (bytes, blake3) = self.write_snapshot_files(dir, parent, tracking)?;
+        let written = self.write_snapshot_files(dir, parent, tracking)?;
         if tracking {
             let absolute = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-            *lock(&self.last_snapshot) = Some((absolute, blake3));
+            *lock(&self.last_snapshot) = Some((absolute, written.memory_blake3.clone()));
         }
-        Ok(bytes)
+        Ok(written)
     }
 
     fn write_snapshot_files(
@@ -290,8 +294,12 @@ impl VmmShared {
         dir: &Path,
         parent: Option<ParentRef>,
         tracking: bool,
-    ) -> Result<(u64, String), VmmError> {
+    ) -> Result<Written, VmmError> {
         flush_disks(&self.devices).map_err(VmmError::Flush)?;
+        // The disks as they are now become frozen layers the snapshot records.
+        let branch_start = Instant::now();
+        let frozen_layers = branch_disks(&self.devices, dir).map_err(VmmError::Branch)?;
+        let disk_branch = branch_start.elapsed();
         let devices = save_devices(&self.devices);
         let vcpus = {
             let handles = lock(&self.vcpus);
@@ -334,7 +342,12 @@ impl VmmShared {
             snapshot::format::write_file(&tmp.join(snapshot::STATE_FILE), &state)?;
             Ok((bytes, blake3))
         })?;
-        Ok(written)
+        Ok(Written {
+            memory_bytes: written.0,
+            memory_blake3: written.1,
+            frozen_layers,
+            disk_branch,
+        })
     }
 
     fn status(&self) -> StatusInfo {
@@ -344,6 +357,19 @@ impl VmmShared {
             memory_mib: self.config.memory_mib,
             boot_time_ms: self.boot_timer.boot_time().map(ms),
             uptime_ms: self.started.elapsed().as_millis() as u64,
+            disks: self
+                .devices
+                .blocks
+                .iter()
+                .map(|b| {
+                    let b = lock(b);
+                    DiskStatus {
+                        id: b.id().to_string(),
+                        read_only: b.is_read_only(),
+                        chain: b.image().chain().to_vec(),
+                    }
+                })
+                .collect(),
         }
     }
 
@@ -355,6 +381,14 @@ impl VmmShared {
             vcpu.exit_and_join();
         }
     }
+}
+
+/// What writing a snapshot produced.
+struct Written {
+    memory_bytes: u64,
+    memory_blake3: String,
+    frozen_layers: Vec<PathBuf>,
+    disk_branch: Duration,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -369,6 +403,7 @@ fn error_response(e: &VmmError) -> Response {
         | VmmError::NoParent
         | VmmError::WrongParent { .. } => ErrorCode::InvalidState,
         VmmError::Snapshot(SnapshotError::Exists(_)) => ErrorCode::BadRequest,
+        VmmError::Branch(crate::disk::DiskError::TooDeep { .. }) => ErrorCode::InvalidState,
         _ => ErrorCode::Failed,
     };
     // One line: the error and its causes.

@@ -80,11 +80,7 @@ fn port_and_mmio_dispatch() {
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 4096]).unwrap();
     let mut c = config("pio-mmio");
-    c.disks.push(DiskConfig {
-        path: disk,
-        read_only: true,
-        id: None,
-    });
+    c.disks.push(DiskConfig::raw(disk, true));
     let (exit, out) = run(&c);
     assert_eq!(exit, VmExit::GuestReset, "{out}");
     // Nothing at port 0x80 or at 0xe0000000: all ones. A virtio-blk device at the first
@@ -106,9 +102,8 @@ fn virtio_blk_read_write_flush_get_id() {
     std::fs::write(&disk, &content).unwrap();
     let mut c = config("blk");
     c.disks.push(DiskConfig {
-        path: disk.clone(),
-        read_only: false,
         id: Some("grove-test-disk".into()),
+        ..DiskConfig::raw(disk.clone(), false)
     });
     let (exit, out) = run(&c);
     assert_eq!(exit, VmExit::GuestReset, "{out}");
@@ -138,11 +133,7 @@ fn virtio_blk_read_only_refuses_writes() {
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 64 * 512]).unwrap();
     let mut c = config("blk");
-    c.disks.push(DiskConfig {
-        path: disk.clone(),
-        read_only: true,
-        id: None,
-    });
+    c.disks.push(DiskConfig::raw(disk.clone(), true));
     let (exit, out) = run(&c);
     assert_eq!(exit, VmExit::GuestReset, "{out}");
     assert!(out.contains("write2 status=01"), "{out}");

@@ -199,6 +199,20 @@ pub struct StatusInfo {
     /// Time from VMM start to the guest's boot-complete signal, if it has arrived.
     pub boot_time_ms: Option<f64>,
     pub uptime_ms: u64,
+    /// The disks in attachment order.
+    #[serde(default)]
+    pub disks: Vec<DiskStatus>,
+}
+
+/// One disk as the VM uses it now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskStatus {
+    /// The id the guest reads.
+    pub id: String,
+    pub read_only: bool,
+    /// Every layer, the active one first.
+    pub chain: Vec<crate::disk::LayerRecord>,
 }
 
 /// Run state of the VM as a whole.
@@ -218,6 +232,12 @@ pub struct SnapshotInfo {
     pub kind: SnapshotKind,
     /// How long the vCPUs were paused for the snapshot.
     pub pause_ms: f64,
+    /// The layers the disks were frozen into (one per writable qcow2 disk), in disk order.
+    #[serde(default)]
+    pub frozen_layers: Vec<PathBuf>,
+    /// How long branching the disks took, within the pause.
+    #[serde(default)]
+    pub disk_branch_ms: f64,
     /// How long the whole request took.
     pub total_ms: f64,
     /// Bytes of guest memory written.
@@ -344,10 +364,20 @@ mod tests {
                 memory_mib: 256,
                 boot_time_ms: Some(12.5),
                 uptime_ms: 1000,
+                disks: vec![DiskStatus {
+                    id: "disk0".into(),
+                    read_only: false,
+                    chain: vec![crate::disk::LayerRecord {
+                        path: "/d/vm.qcow2".into(),
+                        format: crate::disk::DiskFormat::Qcow2,
+                    }],
+                }],
             }),
             Response::Snapshot(SnapshotInfo {
                 dir: "/tmp/s".into(),
                 kind: SnapshotKind::Full,
+                frozen_layers: vec!["/d/vm@s.qcow2".into()],
+                disk_branch_ms: 0.5,
                 pause_ms: 1.0,
                 total_ms: 2.0,
                 memory_bytes: 4096,

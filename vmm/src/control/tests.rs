@@ -37,6 +37,7 @@ fn status_info() -> StatusInfo {
         memory_mib: 128,
         boot_time_ms: Some(42.5),
         uptime_ms: 1234,
+        disks: Vec::new(),
     }
 }
 
@@ -54,6 +55,8 @@ impl ControlHandler for MockHandler {
                 dir: s.dir,
                 kind: s.kind,
                 pause_ms: 1.5,
+                frozen_layers: Vec::new(),
+                disk_branch_ms: 0.0,
                 total_ms: 3.0,
                 memory_bytes: 1 << 20,
             }),

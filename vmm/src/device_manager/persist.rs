@@ -144,6 +144,28 @@ pub fn flush_disks(devices: &Devices) -> io::Result<()> {
     result
 }
 
+/// Branches every writable qcow2 disk for the snapshot at `snapshot` (see
+/// [`crate::disk::branch`]): each active layer becomes a frozen layer named after the
+/// snapshot, and the VM continues on a new empty overlay. Call with the VM paused and the
+/// disks flushed. Stops at the first failure; disks branched before it stay branched (their
+/// data is the same either way).
+pub fn branch_disks(
+    devices: &Devices,
+    snapshot: &std::path::Path,
+) -> Result<Vec<PathBuf>, crate::disk::DiskError> {
+    let mut frozen_layers = Vec::new();
+    for block in &devices.blocks {
+        let mut block = lock(block);
+        let image = block.image();
+        if image.read_only() || image.format() != crate::disk::DiskFormat::Qcow2 {
+            continue;
+        }
+        let frozen = crate::disk::branch::frozen_layer_path(image.path(), snapshot);
+        frozen_layers.push(block.branch(&frozen)?.path);
+    }
+    Ok(frozen_layers)
+}
+
 /// Injects again every interrupt a device has pending (a virtio InterruptStatus the driver
 /// has not acknowledged, a UART interrupt not yet identified). Call after a restore, once the
 /// interrupt controllers' state is restored and before the vCPUs run: an interrupt raised

@@ -71,11 +71,7 @@ fn boot(vm: &MockVm, disks: &[&TempFile]) -> DeviceManager {
     dm.attach_boot_timer(BootTimer::new(Instant::now()))
         .unwrap();
     for (i, d) in disks.iter().enumerate() {
-        let cfg = BlockConfig {
-            path: d.0.clone(),
-            read_only: false,
-            id: format!("disk{i}"),
-        };
+        let cfg = BlockConfig::raw(d.0.clone(), false, format!("disk{i}"));
         dm.attach_block(vm, cfg).unwrap();
     }
     dm.attach_rng(vm).unwrap();

@@ -149,13 +149,9 @@ fn transport_after_activation_resumes_its_queue() {
 #[test]
 fn block_rng_and_legacy_devices() {
     let tmp = TempFile::with_contents("persist-rt", &[0u8; 4096]);
-    let mut block = Block::new(BlockConfig {
-        path: tmp.0.clone(),
-        // Shared lock: the original and the restored device may hold the image together.
-        read_only: true,
-        id: "rt-disk".into(),
-    })
-    .unwrap();
+    // Read-only (a shared lock): the original and the restored device may hold the image
+    // together.
+    let mut block = Block::new(BlockConfig::raw(tmp.0.clone(), true, "rt-disk")).unwrap();
     let offered = block.avail_features();
     block.set_acked_features(offered);
     let block = round_trip(&block, BlockRestoreArgs::default());

@@ -1,7 +1,6 @@
 //! The virtio-blk device: disk image, features, configuration space and event-loop wiring.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, SeekFrom};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -19,113 +18,68 @@ use crate::devices::virtio::{
     ActivateContext, ActivateError, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::disk::{DiskError, DiskFormat, DiskImage, LayerRecord, OpenOptions};
 
 /// Bytes of `struct virtio_blk_config` the device fills: capacity (u64 at 0), size_max (u32
 /// at 8, unused) and seg_max (u32 at 12). Later fields read as zero.
 const CONFIG_LEN: usize = 16;
 
 /// How to build a block device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct BlockConfig {
-    /// Raw disk image: a regular file or a host block device.
-    pub path: PathBuf,
-    /// Open the image read-only and offer VIRTIO_BLK_F_RO; guest writes fail with IOERR.
-    pub read_only: bool,
+    /// The image and what may be opened with it.
+    pub disk: OpenOptions,
     /// Serial number the guest reads with GET_ID (at most 20 bytes).
     pub id: String,
+}
+
+impl BlockConfig {
+    /// A raw image with the defaults.
+    pub fn raw(path: impl Into<PathBuf>, read_only: bool, id: impl Into<String>) -> Self {
+        Self {
+            disk: OpenOptions::new(path, DiskFormat::Raw, read_only),
+            id: id.into(),
+        }
+    }
 }
 
 /// Errors building a block device.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("cannot open disk image {}", .path.display())]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot determine the size of disk image {}", .path.display())]
-    Size {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error(
-        "disk image {} is {size} bytes, which is not a whole number of 512-byte sectors",
-        .path.display()
-    )]
-    UnalignedSize { path: PathBuf, size: u64 },
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     #[error("block device id {id:?} is {} bytes long; virtio-blk allows at most 20", .id.len())]
     IdTooLong { id: String },
     #[error("cannot create the device eventfds")]
     EventFd(#[source] io::Error),
-    #[error(
-        "disk image {} is in use by another VM{}",
-        .path.display(),
-        if *.read_only { " that writes it" } else { "" }
-    )]
-    Locked { path: PathBuf, read_only: bool },
-    #[error("cannot lock disk image {}", .path.display())]
-    Lock {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
 }
 
 /// A virtio-blk device with one request queue, served on the event-loop thread.
 pub struct Block {
     state: DeviceState,
     disk: Disk,
-    path: PathBuf,
     /// The configured id as given, for snapshots (the disk keeps it NUL-padded).
     id: String,
     config: [u8; CONFIG_LEN],
 }
 
 impl Block {
-    /// Opens the disk image. Its size must be a multiple of 512 bytes: a partial last sector
-    /// could be neither read nor written by the guest.
+    /// Opens the disk image (see [`crate::disk::open`]).
     pub fn new(cfg: BlockConfig) -> Result<Self, BlockError> {
-        let BlockConfig {
-            path,
-            read_only,
-            id,
-        } = cfg;
+        if cfg.id.len() > ID_LEN {
+            return Err(BlockError::IdTooLong { id: cfg.id });
+        }
+        let image = crate::disk::open(&cfg.disk)?;
+        Self::with_image(image, cfg.id)
+    }
+
+    /// A device on an image already open.
+    pub fn with_image(image: DiskImage, id: String) -> Result<Self, BlockError> {
         if id.len() > ID_LEN {
             return Err(BlockError::IdTooLong { id });
         }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(&path)
-            .map_err(|source| BlockError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        // An advisory lock keeps two VMs from writing one image (exclusive for read-write,
-        // shared for read-only, so any number of VMs may share a read-only image). It lives
-        // as long as the file is open.
-        let locked = if read_only {
-            file.try_lock_shared()
-        } else {
-            file.try_lock()
-        };
-        if let Err(e) = locked {
-            return Err(match e {
-                std::fs::TryLockError::WouldBlock => BlockError::Locked { path, read_only },
-                std::fs::TryLockError::Error(source) => BlockError::Lock { path, source },
-            });
-        }
-        let size = disk_size(&mut file).map_err(|source| BlockError::Size {
-            path: path.clone(),
-            source,
-        })?;
-        if size % SECTOR_SIZE != 0 {
-            return Err(BlockError::UnalignedSize { path, size });
-        }
-        let capacity = size / SECTOR_SIZE;
-
+        let read_only = image.read_only();
+        let capacity = image.size() / SECTOR_SIZE;
         let mut features = VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_EVENT_IDX
             | (1 << VIRTIO_BLK_F_FLUSH)
@@ -139,8 +93,7 @@ impl Block {
 
         Ok(Self {
             state: DeviceState::new(features, &[QUEUE_SIZE]).map_err(BlockError::EventFd)?,
-            disk: Disk::new(file, read_only, capacity, id.as_bytes()),
-            path,
+            disk: Disk::new(image, id.as_bytes()),
             id,
             config,
         })
@@ -151,8 +104,24 @@ impl Block {
         self.disk.capacity()
     }
 
+    /// The active layer's file.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.disk.image().path()
+    }
+
+    /// The open image.
+    pub fn image(&self) -> &DiskImage {
+        self.disk.image()
+    }
+
+    /// The frozen layer the active one is an empty overlay on, right after a branch.
+    pub fn fresh_on(&self) -> Option<&LayerRecord> {
+        self.disk.fresh_on()
+    }
+
+    /// Branches the disk at a snapshot (see [`DiskImage::branch`]); call with the VM paused.
+    pub fn branch(&mut self, frozen: &Path) -> Result<LayerRecord, DiskError> {
+        self.disk.branch(frozen)
     }
 
     pub fn is_read_only(&self) -> bool {
@@ -179,13 +148,6 @@ impl Block {
         self.state
             .process_queue(0, |mem, chain| disk.process_chain(mem, chain));
     }
-}
-
-/// Size of a regular file or block device (metadata reports 0 for the latter).
-fn disk_size(file: &mut File) -> io::Result<u64> {
-    let size = file.seek(SeekFrom::End(0))?;
-    file.seek(SeekFrom::Start(0))?;
-    Ok(size)
 }
 
 impl VirtioDevice for Block {

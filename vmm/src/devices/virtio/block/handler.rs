@@ -1,4 +1,5 @@
-//! Serving virtio-blk requests (virtio spec 1.2, section 5.2.6) from a raw disk file.
+//! Serving virtio-blk requests (virtio spec 1.2, section 5.2.6) from a disk image (raw, or a
+//! qcow2 chain; see [`crate::disk`]).
 //!
 //! A request is a descriptor chain: a 16-byte header the device reads (type, reserved, sector),
 //! then data (read by the device for OUT, written for IN and GET_ID), then one status byte the
@@ -12,9 +13,7 @@
 //! its descriptors back and the device never touches memory outside guest RAM or bytes outside
 //! the disk.
 
-use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 
 use crate::vstate::memory::{MemReader as Reader, MemWriter as Writer};
 use log::{debug, warn};
@@ -26,6 +25,7 @@ use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::SECTOR_SIZE;
 use crate::devices::virtio::device_state::Chain;
+use crate::disk::{DiskImage, LayerRecord};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Length of `struct virtio_blk_outhdr`: type (u32), reserved / ioprio (u32), sector (u64).
@@ -79,8 +79,10 @@ impl RequestError {
 /// The disk behind one virtio-blk device.
 #[derive(Debug)]
 pub struct Disk {
-    file: File,
-    read_only: bool,
+    image: DiskImage,
+    /// Set when the image was just branched and the guest has not written since: the
+    /// active layer is then an empty overlay on this frozen layer.
+    fresh_on: Option<LayerRecord>,
     /// Size in 512-byte sectors.
     capacity: u64,
     /// GET_ID answer: the configured id, NUL-padded.
@@ -89,16 +91,15 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// `capacity` is in sectors and must match the file; `id` is at most [`ID_LEN`] bytes
-    /// (longer ids are cut).
-    pub fn new(file: File, read_only: bool, capacity: u64, id: &[u8]) -> Self {
+    /// `id` is at most [`ID_LEN`] bytes (longer ids are cut).
+    pub fn new(image: DiskImage, id: &[u8]) -> Self {
         let mut padded = [0u8; ID_LEN];
         let n = id.len().min(ID_LEN);
         padded[..n].copy_from_slice(&id[..n]);
         Self {
-            file,
-            read_only,
-            capacity,
+            capacity: image.size() / SECTOR_SIZE,
+            image,
+            fresh_on: None,
             id: padded,
             bounce: Vec::new(),
         }
@@ -109,12 +110,33 @@ impl Disk {
     }
 
     pub fn read_only(&self) -> bool {
-        self.read_only
+        self.image.read_only()
+    }
+
+    pub fn image(&self) -> &DiskImage {
+        &self.image
+    }
+
+    /// The frozen layer the active layer is an empty overlay on, if the disk was branched
+    /// and the guest has not written since.
+    pub fn fresh_on(&self) -> Option<&LayerRecord> {
+        self.fresh_on.as_ref()
     }
 
     /// Makes every completed write durable (data and metadata).
     pub fn flush(&self) -> io::Result<()> {
-        self.file.sync_all()
+        self.image.flush()
+    }
+
+    /// Freezes the active layer as `frozen` and continues on a new overlay (see
+    /// [`DiskImage::branch`]). Call with the queue stopped.
+    pub fn branch(
+        &mut self,
+        frozen: &std::path::Path,
+    ) -> Result<LayerRecord, crate::disk::DiskError> {
+        let layer = self.image.branch(frozen)?;
+        self.fresh_on = Some(layer.clone());
+        Ok(layer)
     }
 
     /// Serves one request chain; returns the used length (bytes written into guest memory,
@@ -181,7 +203,7 @@ impl Disk {
                 self.read_to_guest(&mut writer, offset, data_len, written)
             }
             VIRTIO_BLK_T_OUT => {
-                if self.read_only {
+                if self.read_only() {
                     return Err(RequestError::ReadOnly);
                 }
                 if data_len != 0 {
@@ -234,8 +256,8 @@ impl Disk {
             let n = (len - done).min(CHUNK);
             let buf = bounce(&mut self.bounce, n);
             let pos = offset + done as u64;
-            self.file
-                .read_exact_at(buf, pos)
+            self.image
+                .read_at(buf, pos)
                 .map_err(|source| RequestError::Disk {
                     offset: pos,
                     source,
@@ -253,14 +275,15 @@ impl Disk {
         offset: u64,
         len: usize,
     ) -> Result<(), RequestError> {
+        self.fresh_on = None;
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK);
             let buf = bounce(&mut self.bounce, n);
             reader.read_exact(buf).map_err(RequestError::Copy)?;
             let pos = offset + done as u64;
-            self.file
-                .write_all_at(buf, pos)
+            self.image
+                .write_at(buf, pos)
                 .map_err(|source| RequestError::Disk {
                     offset: pos,
                     source,

@@ -1,6 +1,5 @@
 //! virtio-blk tests: request handling against a temp file, and the event-loop path.
 
-use std::fs::OpenOptions;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, SubscriberOps};
@@ -17,6 +16,7 @@ use crate::devices::virtio::test_utils::*;
 use crate::devices::virtio::{
     VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::disk::DiskError;
 use crate::snapshot::Persist;
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -35,13 +35,13 @@ fn pattern(sectors: u64) -> Vec<u8> {
 
 fn disk(contents: &[u8], read_only: bool) -> (TempFile, Disk) {
     let tmp = TempFile::with_contents("blk", contents);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(&tmp.0)
-        .unwrap();
-    let capacity = contents.len() as u64 / 512;
-    (tmp, Disk::new(file, read_only, capacity, b"grove-disk-0"))
+    let image = crate::disk::open(&crate::disk::OpenOptions::new(
+        &tmp.0,
+        crate::disk::DiskFormat::Raw,
+        read_only,
+    ))
+    .unwrap();
+    (tmp, Disk::new(image, b"grove-disk-0"))
 }
 
 fn write_header(mem: &GuestMemoryMmap, request_type: u32, sector: u64) {
@@ -316,11 +316,7 @@ fn truncated_and_looping_chains_complete_without_status() {
 
 fn block_with(contents: &[u8], read_only: bool, id: &str) -> (TempFile, Result<Block, BlockError>) {
     let tmp = TempFile::with_contents("blkdev", contents);
-    let cfg = BlockConfig {
-        path: tmp.0.clone(),
-        read_only,
-        id: id.to_string(),
-    };
+    let cfg = BlockConfig::raw(tmp.0.clone(), read_only, id);
     (tmp, Block::new(cfg))
 }
 
@@ -348,20 +344,19 @@ fn new_checks_the_image_and_fills_the_config_space() {
 
     let (tmp, e) = block_with(&[0u8; 1000], false, "x");
     let e = e.err().expect("unaligned size");
-    assert!(matches!(e, BlockError::UnalignedSize { size: 1000, .. }));
+    assert!(matches!(
+        e,
+        BlockError::Disk(DiskError::UnalignedSize { size: 1000, .. })
+    ));
     assert!(e.to_string().contains(&tmp.0.display().to_string()));
 
     let (_tmp, e) = block_with(&[0u8; 512], false, "this-id-is-longer-than-20");
     assert!(matches!(e, Err(BlockError::IdTooLong { .. })));
 
     let missing = temp_path("missing");
-    let e = Block::new(BlockConfig {
-        path: missing.clone(),
-        read_only: false,
-        id: String::new(),
-    });
+    let e = Block::new(BlockConfig::raw(missing.clone(), false, ""));
     let e = e.err().expect("missing file");
-    assert!(matches!(e, BlockError::Open { .. }));
+    assert!(matches!(e, BlockError::Disk(DiskError::Open { .. })));
     assert!(e.to_string().contains(&missing.display().to_string()));
 }
 
@@ -369,19 +364,13 @@ fn new_checks_the_image_and_fills_the_config_space() {
 fn an_image_written_by_one_vm_is_locked_for_every_other() {
     let (tmp, first) = block_with(&pattern(8), false, "a");
     let first = first.unwrap();
-    let open = |read_only| {
-        Block::new(BlockConfig {
-            path: tmp.0.clone(),
-            read_only,
-            id: String::new(),
-        })
-    };
+    let open = |read_only| Block::new(BlockConfig::raw(tmp.0.clone(), read_only, ""));
     assert!(matches!(
         open(false),
-        Err(BlockError::Locked {
+        Err(BlockError::Disk(DiskError::Locked {
             read_only: false,
             ..
-        })
+        }))
     ));
     let e = open(true).err().expect("read-only open of a written image");
     assert!(e.to_string().contains("in use by another VM"), "{e}");
@@ -389,7 +378,10 @@ fn an_image_written_by_one_vm_is_locked_for_every_other() {
     // Read-only users share the image; a writer is then refused.
     let r1 = open(true).unwrap();
     let r2 = open(true).unwrap();
-    assert!(matches!(open(false), Err(BlockError::Locked { .. })));
+    assert!(matches!(
+        open(false),
+        Err(BlockError::Disk(DiskError::Locked { .. }))
+    ));
     drop((r1, r2));
     open(false).unwrap();
 }
@@ -671,7 +663,10 @@ fn restore_checks_the_disk_size_and_reopens_under_the_same_lock_rules() {
         .err()
         .expect("locked");
     assert!(
-        matches!(e, BlockRestoreError::Open(BlockError::Locked { .. })),
+        matches!(
+            e,
+            BlockRestoreError::Open(BlockError::Disk(DiskError::Locked { .. }))
+        ),
         "{e}"
     );
     drop(tmp);
