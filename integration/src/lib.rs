@@ -244,6 +244,14 @@ impl VmProcess {
         self.child.id()
     }
 
+    /// Kills the VMM with SIGKILL (no chance to flush or clean up) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Let the pumps drain what the VMM wrote before it died.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     fn report(&self, what: &str) -> String {
         format!(
             "{what}\n--- console ---\n{}\n--- vmm log ---\n{}",
@@ -260,6 +268,31 @@ impl Drop for VmProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Runs `qemu-img` (Debian package qemu-utils) and returns its output; panics with the
+/// command and its output if it fails.
+pub fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img").args(args).output().expect(
+        "this test needs qemu-img (Debian package qemu-utils, in images/host-packages.txt)",
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "qemu-img {args:?} failed: {text}");
+    text
+}
+
+/// `qemu-img check` must find nothing wrong with the qcow2 image, leaks included.
+pub fn qemu_img_check(path: &Path) {
+    let text = qemu_img(&["check", "-f", "qcow2", &path.to_string_lossy()]);
+    assert!(
+        text.contains("No errors were found"),
+        "{}: {text}",
+        path.display()
+    );
 }
 
 /// Parses the VMM's "guest boot complete: X ms after VMM start" log line.

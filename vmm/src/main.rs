@@ -75,7 +75,10 @@ struct RestoreArgs {
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// Run a disk on another image (repeatable): ID=PATH, where ID is the disk's id
-    /// (disk0 is the root filesystem, then disk1, ... unless the config named them).
+    /// (disk0 is the root filesystem, then disk1, ... unless the config named them). For a
+    /// disk the snapshot branched (a writable qcow2 disk), PATH is where the clone's new
+    /// overlay on the frozen layer is created (or an existing overlay on it); by default it
+    /// goes next to the frozen layer.
     #[arg(long, value_name = "ID=PATH")]
     disk_override: Vec<String>,
     /// Write the guest console to this file instead of standard output.

@@ -322,3 +322,73 @@ fn a_snapshot_past_the_depth_limit_fails_and_the_vm_runs_on() {
     vm.wait();
     check_clean(&active);
 }
+
+#[test]
+fn compaction_respects_snapshots_and_a_running_vm_picks_it_up_at_its_next_branch() {
+    require_kvm();
+    let dir = TempDir::new("compact");
+    let base = dir.join("base.raw");
+    std::fs::write(&base, vec![0x33u8; (2 * MIB) as usize]).unwrap();
+    let active = dir.join("vm.qcow2");
+    disk::create_overlay(&active, Some(&layer(&base, DiskFormat::Raw)), 2 * MIB).unwrap();
+    {
+        let mut o = OpenOptions::new(&active, DiskFormat::Qcow2, false);
+        o.allow_backing = true;
+        let image = disk::open(&o).unwrap();
+        image.write_at(&[0x44; 65536], 0).unwrap();
+        image.flush().unwrap();
+    }
+    let vm = counter_guest(vec![qcow2_disk(&active)]);
+    wait_change(&vm);
+    let f1 = snapshot(&vm, &dir.join("s1")).frozen_layers[0].clone();
+    let f2 = snapshot(&vm, &dir.join("s2")).frozen_layers[0].clone();
+    assert_eq!(disks(&vm)[0].chain.len(), 4);
+    let want = dir.join("want.raw");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        f2.to_str().unwrap(),
+        want.to_str().unwrap(),
+    ]);
+
+    // Snapshot s1 recorded f1: it stays.
+    let report = disk::compact::compact(&f2, &[]).unwrap();
+    assert!(report.merged.is_empty(), "{report:?}");
+    assert!(f1.exists());
+    // Without s1, nothing but f2 uses f1: it is merged into f2.
+    std::fs::remove_dir_all(dir.join("s1")).unwrap();
+    let report = disk::compact::compact(&f2, &[]).unwrap();
+    assert_eq!(report.merged, vec![f1.clone()]);
+    assert_eq!((report.depth_before, report.depth_after), (3, 2));
+    assert!(!f1.exists());
+    check_clean(&f2);
+    compare(&f2, "qcow2", &want, "raw");
+
+    // The running VM still reads the old layers; its next branch reopens the short chain.
+    wait_change(&vm);
+    snapshot(&vm, &dir.join("s3"));
+    let chain: Vec<PathBuf> = disks(&vm)[0].chain.iter().map(|l| l.path.clone()).collect();
+    assert_eq!(
+        chain,
+        vec![
+            active.clone(),
+            dir.join("vm@s3.qcow2"),
+            f2.clone(),
+            base.clone()
+        ]
+    );
+    // s2 still restores onto the compacted f2.
+    let clone = restore_with(&dir.join("s2"), Vec::new());
+    let clone_overlay = disks(&clone)[0].chain[0].path.clone();
+    wait_change(&clone);
+    for v in [clone, vm] {
+        v.stop();
+        v.wait();
+    }
+    check_clean(&clone_overlay);
+    compare(&clone_overlay, "qcow2", &want, "raw");
+    check_clean(&active);
+}

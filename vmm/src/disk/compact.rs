@@ -116,11 +116,14 @@ fn references(dirs: &[PathBuf]) -> Result<HashMap<PathBuf, Vec<PathBuf>>, DiskEr
     Ok(refs)
 }
 
-/// The layer files a snapshot's disk needs to exist.
+/// The layer a snapshot's disk names directly: the frozen layer of a branched disk, else
+/// the image itself. The layers below are reached through image headers, so a compaction
+/// that keeps the named layer's contents keeps the snapshot valid.
 fn snapshot_layers(block: &BlockState) -> Vec<PathBuf> {
-    let mut layers = vec![block.path.clone()];
-    layers.extend(block.backing.iter().map(|l| l.path.clone()));
-    layers
+    match (block.branched, block.backing.first()) {
+        (true, Some(frozen)) => vec![frozen.path.clone()],
+        _ => vec![block.path.clone()],
+    }
 }
 
 /// Merges into `top` every layer below it that only the layer above it references (see the
