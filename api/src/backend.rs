@@ -1,0 +1,65 @@
+//! What the orchestrator needs from the host: VMM processes and disk files. The daemon uses
+//! [`crate::supervisor::Supervisor`]; the orchestrator's unit tests a fake.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+
+use vmm::disk::DiskFormat;
+
+/// A VM to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// The environment's directory (its overlay is `disk.qcow2` in it).
+    pub dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+}
+
+/// A VMM that answers on its control socket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Running {
+    pub pid: u32,
+    /// From starting the process to its control socket answering.
+    pub start_ms: f64,
+}
+
+/// What a snapshot did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frozen {
+    pub pause_ms: f64,
+    /// The layer the disk was frozen into.
+    pub frozen_layer: Option<PathBuf>,
+}
+
+pub type BResult<T> = Result<T, String>;
+
+pub trait Backend: Send + Sync + 'static {
+    /// Creates the qcow2 overlay `path` on `backing`.
+    fn create_overlay(&self, path: &Path, backing: &Path, format: DiskFormat) -> BResult<()>;
+    /// Boots a VM on `spec.dir/disk.qcow2`; resolves once its control socket answers.
+    fn boot(&self, spec: &VmSpec) -> impl Future<Output = BResult<Running>> + Send;
+    /// Restores `snapshot` in `dir` with its disk on a new overlay at `overlay`.
+    fn restore(
+        &self,
+        dir: &Path,
+        snapshot: &Path,
+        overlay: &Path,
+    ) -> impl Future<Output = BResult<Running>> + Send;
+    /// Snapshots the VM in `dir` into the directory `into` (memory and disk together); the
+    /// VM keeps running.
+    fn snapshot(&self, dir: &Path, into: &Path) -> impl Future<Output = BResult<Frozen>> + Send;
+    fn pause(&self, dir: &Path) -> impl Future<Output = BResult<()>> + Send;
+    fn resume(&self, dir: &Path) -> impl Future<Output = BResult<()>> + Send;
+    /// Stops the VMM `pid` serving `dir` (shutdown, then SIGKILL); Ok if it is gone.
+    fn stop(&self, dir: &Path, pid: u32) -> impl Future<Output = BResult<()>> + Send;
+    /// Resolves when the VMM ends, with why.
+    fn wait_exit(&self, dir: &Path, pid: u32) -> impl Future<Output = String> + Send;
+    /// Whether `pid` is still the VMM serving `dir`.
+    fn is_running(&self, dir: &Path, pid: u32) -> bool;
+    /// Writes `input` to the console of the VMM in `dir`.
+    fn console_input(&self, dir: &Path, input: &[u8]) -> BResult<()>;
+    /// Deletes a file or directory tree (best effort; logs failures).
+    fn remove(&self, path: &Path);
+}

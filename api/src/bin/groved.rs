@@ -1,0 +1,110 @@
+//! `groved`: Grove's daemon. Keeps the state in SQLite under the data directory, supervises
+//! one `grove-vmm` per environment, and serves the HTTP API on a Unix socket (mode 0600) and,
+//! when asked, on TCP with a bearer token. VMMs outlive a restart of the daemon, which
+//! re-attaches to them.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use grove_api::http::{bind_unix, serve, BearerToken, Listeners};
+use grove_api::orchestrator::Orchestrator;
+use grove_api::paths;
+use grove_api::supervisor::Supervisor;
+
+#[derive(Parser)]
+#[command(
+    name = "groved",
+    version,
+    about = "Grove's daemon: environments per branch over an HTTP API"
+)]
+struct Args {
+    /// State directory (database, environments, snapshots) [default: $GROVE_DATA,
+    /// /var/lib/grove for root, ~/.local/share/grove otherwise].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Unix socket to serve [default: $GROVE_SOCKET, /run/grove/groved.sock for root].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Also serve on TCP at this address (every request then needs the bearer token).
+    #[arg(long, value_name = "ADDR", requires = "token_file")]
+    listen: Option<String>,
+    /// File holding the bearer token for TCP clients (at least 16 characters).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+fn build_default_images() -> Result<(PathBuf, PathBuf), String> {
+    let cache = grove_images::default_cache_dir().map_err(|e| e.to_string())?;
+    let set = grove_images::build_default(&cache).map_err(|e| e.to_string())?;
+    Ok((set.vmlinux, set.rootfs))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let data = args.data_dir.unwrap_or_else(paths::default_data_dir);
+    let socket = args.socket.unwrap_or_else(paths::default_socket);
+    let orchestrator = Orchestrator::open(
+        &data,
+        Supervisor::new(Supervisor::find_vmm_bin()),
+        Arc::new(build_default_images),
+    )?;
+    orchestrator.recover()?;
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut listeners = Listeners::unix(
+        bind_unix(&socket)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", socket.display()))?,
+    );
+    if let Some(addr) = &args.listen {
+        let token_file = args.token_file.clone().unwrap_or_default();
+        let token = std::fs::read_to_string(&token_file)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", token_file.display()))?;
+        let token = BearerToken::new(token.trim())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", token_file.display()))?;
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        listeners = listeners.with_tcp(tcp, token);
+    }
+    log::info!(
+        "groved: data in {}, listening on {}",
+        data.display(),
+        socket.display()
+    );
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        log::info!("groved: shutting down (VMMs keep running)");
+    };
+    serve(orchestrator, listeners, shutdown).await?;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Info)
+        .parse_env(env_logger::Env::new().filter("GROVE_LOG"))
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("groved: error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("groved: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Grove's control plane.
+//!
+//! `groved` keeps the state of images, environments and snapshots in SQLite, supervises one
+//! `grove-vmm` process per environment, and serves the HTTP API (`api/openapi.yaml`);
+//! `grove` is its command line. The HTTP layer ([`http`]) knows nothing of VMs: it calls a
+//! [`service::Service`], which the orchestrator implements.
+
+pub mod backend;
+pub mod client;
+pub mod error;
+pub mod http;
+pub mod model;
+pub mod names;
+pub mod orchestrator;
+pub mod paths;
+pub mod service;
+pub mod store;
+pub mod supervisor;

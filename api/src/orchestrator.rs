@@ -1,0 +1,867 @@
+//! The orchestrator: environments, images and snapshots, kept in the [`Store`] and made real
+//! through a [`Backend`]. It implements [`Service`], so the HTTP layer never sees VMs.
+//!
+//! Data directory:
+//!
+//! ```text
+//! DATA/grove.db                the state (SQLite)
+//! DATA/envs/<id>/              one per environment (by database id, never by name):
+//!     disk.qcow2               its overlay; frozen layers `disk@s<id>-<n>.qcow2` beside it
+//!     control.sock console.log vmm.log vm.json
+//! DATA/snapshots/s<id>-<n>/    snapshots (memory and state; the disk is the frozen layer)
+//! ```
+//!
+//! Consistency: files are created before the rows that point to them are committed, and
+//! rows are removed before their files; [`Orchestrator::recover`] sweeps files without rows
+//! and marks environments whose VMM died while the daemon was down. Operations on one
+//! environment are serialized by a per-name lock; a branch holds its parent's lock for the
+//! snapshot only.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::broadcast;
+use vmm::disk::DiskFormat;
+
+use crate::backend::{Backend, VmSpec};
+use crate::error::ApiError;
+use crate::model::{
+    BranchTimings, CreateEnvironment, CreateImage, EnvState, Environment, EnvironmentCreated,
+    Event, Image, Snapshot,
+};
+use crate::names;
+use crate::service::{Result, Service};
+use crate::store::{EnvRow, LayerRow, SnapshotRow, Store, StoreError};
+use crate::supervisor::{CONSOLE, DISK};
+
+pub const DEFAULT_VCPUS: u8 = 1;
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Exists(what) => ApiError::conflict(format!("{what} already exists")),
+            other => ApiError::internal(other.to_string()),
+        }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+struct Metrics {
+    branches: u64,
+    branch_ms_sum: f64,
+    parent_pause_ms_sum: f64,
+    restores: u64,
+    restore_ms_sum: f64,
+    boots: u64,
+}
+
+/// How images are built (the default set); injected so tests need no kernel build.
+pub type ImageBuilder =
+    Arc<dyn Fn() -> std::result::Result<(PathBuf, PathBuf), String> + Send + Sync>;
+
+pub struct Orchestrator<B: Backend> {
+    store: Store,
+    backend: Arc<B>,
+    data: PathBuf,
+    events: broadcast::Sender<Event>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: Mutex<Metrics>,
+    build_default: ImageBuilder,
+    me: std::sync::Weak<Orchestrator<B>>,
+}
+
+impl<B: Backend> Orchestrator<B> {
+    /// Opens the data directory (creating it) and its database.
+    pub fn open(data: &Path, backend: B, build_default: ImageBuilder) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(data.join("envs"))?;
+        std::fs::create_dir_all(data.join("snapshots"))?;
+        let store = Store::open(&data.join("grove.db"))?;
+        let (events, _) = broadcast::channel(256);
+        Ok(Arc::new_cyclic(|me| Self {
+            store,
+            backend: Arc::new(backend),
+            data: data.to_path_buf(),
+            events,
+            locks: Mutex::new(HashMap::new()),
+            metrics: Mutex::new(Metrics::default()),
+            build_default,
+            me: me.clone(),
+        }))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn emit(&self, kind: &str, name: &str, action: &str, state: Option<EnvState>) {
+        let _ = self.events.send(Event {
+            kind: kind.into(),
+            name: name.into(),
+            action: action.into(),
+            state,
+            time: now(),
+        });
+    }
+
+    fn env_dir(&self, id: i64) -> PathBuf {
+        self.data.join("envs").join(id.to_string())
+    }
+
+    fn public(row: &EnvRow) -> Environment {
+        Environment {
+            name: row.name.clone(),
+            parent: row.parent.clone(),
+            image: row.image.clone(),
+            state: row.state,
+            vcpus: row.vcpus,
+            memory_mib: row.memory_mib,
+            created: row.created,
+            snapshot: row.snapshot.clone(),
+            exit_reason: row.exit_reason.clone(),
+            pid: row.pid,
+        }
+    }
+
+    fn env_row(&self, name: &str) -> Result<EnvRow> {
+        names::validate("environment", name)?;
+        self.store
+            .env(name)?
+            .ok_or_else(|| ApiError::not_found(format!("no environment {name:?}")))
+    }
+
+    /// Watches the VMM of `name` and records its end.
+    fn watch(&self, name: String, dir: PathBuf, pid: u32) {
+        let Some(me) = self.me.upgrade() else { return };
+        tokio::spawn(async move {
+            let reason = me.backend.wait_exit(&dir, pid).await;
+            // Only if the row still describes that process (not deleted, not re-cloned).
+            if let Ok(Some(row)) = me.store.env(&name) {
+                if row.pid == Some(pid) {
+                    let state = if reason.contains("powered off")
+                        || reason.contains("reset")
+                        || reason.contains("stopped")
+                    {
+                        EnvState::Stopped
+                    } else {
+                        EnvState::Failed
+                    };
+                    let _ = me.store.set_state(&name, state, None, Some(&reason));
+                    me.emit("environment", &name, "state", Some(state));
+                }
+            }
+        });
+    }
+
+    /// After a start: re-attaches to VMMs still running, marks the others, and deletes files
+    /// no row points to.
+    pub fn recover(&self) -> anyhow::Result<()> {
+        let envs = self.store.envs()?;
+        for env in &envs {
+            if matches!(
+                env.state,
+                EnvState::Starting | EnvState::Running | EnvState::Paused
+            ) {
+                match env.pid {
+                    Some(pid) if self.backend.is_running(&env.dir, pid) => {
+                        log::info!("re-attached to environment {} (pid {pid})", env.name);
+                        self.watch(env.name.clone(), env.dir.clone(), pid);
+                    }
+                    _ => {
+                        let reason = crate::supervisor::exit_reason_from_log(&env.dir)
+                            .map(|r| format!("its VMM ended while groved was down: {r}"))
+                            .unwrap_or_else(|| "its VMM ended while groved was down".to_string());
+                        log::warn!("environment {}: {reason}", env.name);
+                        self.store
+                            .set_state(&env.name, EnvState::Failed, None, Some(&reason))?;
+                    }
+                }
+            }
+        }
+        // Directories without rows: an environment or snapshot whose creation crashed.
+        let env_dirs: HashSet<PathBuf> = envs.iter().map(|e| e.dir.clone()).collect();
+        let layer_dirs: HashSet<PathBuf> = self
+            .store
+            .layers()?
+            .iter()
+            .filter_map(|l| l.path.parent().map(Path::to_path_buf))
+            .collect();
+        for entry in std::fs::read_dir(self.data.join("envs"))?.flatten() {
+            let p = entry.path();
+            if !env_dirs.contains(&p) && !layer_dirs.contains(&p) {
+                log::info!("removing {} (no environment uses it)", p.display());
+                self.backend.remove(&p);
+            }
+        }
+        let snaps: HashSet<PathBuf> = self.store.snapshots()?.into_iter().map(|s| s.dir).collect();
+        for entry in std::fs::read_dir(self.data.join("snapshots"))?.flatten() {
+            if !snaps.contains(&entry.path()) {
+                self.backend.remove(&entry.path());
+            }
+        }
+        self.gc()?;
+        Ok(())
+    }
+
+    /// Deletes snapshots and layers nothing needs any more.
+    pub fn gc(&self) -> std::result::Result<(), StoreError> {
+        let envs = self.store.envs()?;
+        let env_names: HashSet<&str> = envs.iter().map(|e| e.name.as_str()).collect();
+        let used_snapshots: HashSet<&str> =
+            envs.iter().filter_map(|e| e.snapshot.as_deref()).collect();
+        let snapshots = self.store.snapshots()?;
+        let mut kept = Vec::new();
+        for s in snapshots {
+            if env_names.contains(s.environment.as_str()) || used_snapshots.contains(s.id.as_str())
+            {
+                kept.push(s);
+            } else {
+                self.store.delete_snapshot(&s.id)?;
+                self.backend.remove(&s.dir);
+            }
+        }
+        // Layers: what environments sit on and snapshots froze, and everything below.
+        let layers = self.store.layers()?;
+        let below: HashMap<&Path, &Path> = layers
+            .iter()
+            .map(|l| (l.path.as_path(), l.backing.as_path()))
+            .collect();
+        let mut needed: HashSet<&Path> = HashSet::new();
+        let mut todo: Vec<&Path> = envs.iter().map(|e| e.base_layer.as_path()).collect();
+        todo.extend(kept.iter().filter_map(|s| s.frozen_layer.as_deref()));
+        while let Some(p) = todo.pop() {
+            if needed.insert(p) {
+                if let Some(b) = below.get(p) {
+                    todo.push(b);
+                }
+            }
+        }
+        for l in &layers {
+            if !needed.contains(l.path.as_path()) {
+                self.store.delete_layer(&l.path)?;
+                self.backend.remove(&l.path);
+                if !env_names.contains(l.owner.as_str()) {
+                    if let Some(dir) = l.path.parent() {
+                        // Removed only when empty: other layers may still live there.
+                        let _ = std::fs::remove_dir(dir);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_resources(vcpus: Option<u8>, memory: Option<u64>) -> Result<(u8, u64)> {
+        let vcpus = vcpus.unwrap_or(DEFAULT_VCPUS);
+        if vcpus == 0 || vcpus > vmm::config::MAX_VCPUS {
+            return Err(ApiError::bad_request(format!(
+                "vcpus must be between 1 and {}",
+                vmm::config::MAX_VCPUS
+            )));
+        }
+        let memory = memory.unwrap_or(DEFAULT_MEMORY_MIB);
+        if !(vmm::config::MIN_MEMORY_MIB..=1 << 20).contains(&memory) {
+            return Err(ApiError::bad_request(format!(
+                "memory_mib must be between {} and {}",
+                vmm::config::MIN_MEMORY_MIB,
+                1u64 << 20
+            )));
+        }
+        Ok((vcpus, memory))
+    }
+
+    /// Reserves the name: a row in state `starting` whose directory exists.
+    fn reserve(&self, mut row: EnvRow) -> Result<EnvRow> {
+        row.dir = PathBuf::new();
+        let id = self.store.reserve_env(&row)?;
+        row.id = id;
+        row.dir = self.env_dir(id);
+        if let Err(e) = std::fs::create_dir_all(&row.dir) {
+            let _ = self.store.delete_env(&row.name);
+            return Err(ApiError::internal(format!(
+                "cannot create {}: {e}",
+                row.dir.display()
+            )));
+        }
+        self.store.update_env(&row)?;
+        Ok(row)
+    }
+
+    /// Undoes a reservation after a failed start.
+    async fn abandon(&self, row: &EnvRow) {
+        if let Some(pid) = row.pid {
+            let _ = self.backend.stop(&row.dir, pid).await;
+        }
+        let _ = self.store.delete_env(&row.name);
+        self.backend.remove(&row.dir.join(DISK));
+        for f in [
+            CONSOLE,
+            crate::supervisor::CONSOLE_IN,
+            crate::supervisor::VMM_LOG,
+            crate::supervisor::CONTROL,
+            "vm.json",
+        ] {
+            self.backend.remove(&row.dir.join(f));
+        }
+        let _ = std::fs::remove_dir(&row.dir);
+    }
+
+    async fn boot(&self, req: CreateEnvironment, image_name: String) -> Result<EnvironmentCreated> {
+        let image = self
+            .store
+            .image(&image_name)?
+            .ok_or_else(|| ApiError::not_found(format!("no image {image_name:?}")))?;
+        let (vcpus, memory_mib) = Self::check_resources(req.vcpus, req.memory_mib)?;
+        let mut row = self.reserve(EnvRow {
+            id: 0,
+            name: req.name.clone(),
+            parent: None,
+            image: image.name.clone(),
+            state: EnvState::Starting,
+            vcpus,
+            memory_mib,
+            created: now(),
+            snapshot: None,
+            exit_reason: None,
+            pid: None,
+            dir: PathBuf::new(),
+            base_layer: image.rootfs.clone(),
+        })?;
+        self.emit(
+            "environment",
+            &row.name,
+            "created",
+            Some(EnvState::Starting),
+        );
+        let started = Instant::now();
+        let result = async {
+            self.backend
+                .create_overlay(&row.dir.join(DISK), &image.rootfs, DiskFormat::Raw)?;
+            self.backend
+                .boot(&VmSpec {
+                    dir: row.dir.clone(),
+                    kernel: image.kernel.clone(),
+                    initrd: image.initrd.clone(),
+                    vcpus,
+                    memory_mib,
+                })
+                .await
+        }
+        .await;
+        match result {
+            Ok(running) => {
+                row.state = EnvState::Running;
+                row.pid = Some(running.pid);
+                self.store.update_env(&row)?;
+                self.watch(row.name.clone(), row.dir.clone(), running.pid);
+                self.metrics
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .boots += 1;
+                self.emit("environment", &row.name, "state", Some(EnvState::Running));
+                log::info!("environment {} booted in {:.1} ms", row.name, ms(started));
+                Ok(EnvironmentCreated {
+                    environment: Self::public(&row),
+                    branch: None,
+                })
+            }
+            Err(e) => {
+                self.abandon(&row).await;
+                self.emit("environment", &req.name, "deleted", None);
+                Err(ApiError::internal(format!(
+                    "cannot boot environment {}: {e}",
+                    req.name
+                )))
+            }
+        }
+    }
+
+    /// Snapshots running environment `parent` (under its lock) and records the snapshot and
+    /// its frozen layer. Returns the snapshot and the parent's pause.
+    async fn take_snapshot(&self, parent: &str) -> Result<(SnapshotRow, f64)> {
+        let lock = self.lock_for(parent);
+        let _guard = lock.lock().await;
+        let mut prow = self.env_row(parent)?;
+        if !matches!(prow.state, EnvState::Running | EnvState::Paused) {
+            return Err(ApiError::conflict(format!(
+                "environment {parent} is {:?}, not running",
+                prow.state
+            )));
+        }
+        let n = self.store.next_snapshot_number(parent)?;
+        let dir_name = format!("s{}-{n}", prow.id);
+        let dir = self.data.join("snapshots").join(&dir_name);
+        let started = Instant::now();
+        let frozen = self
+            .backend
+            .snapshot(&prow.dir, &dir)
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot snapshot {parent}: {e}")))?;
+        let snapshot_ms = ms(started);
+        let row = SnapshotRow {
+            id: format!("{parent}@{n}"),
+            environment: parent.to_string(),
+            parent: prow.snapshot.clone(),
+            dir,
+            created: now(),
+            pause_ms: frozen.pause_ms,
+            frozen_layer: frozen.frozen_layer.clone(),
+        };
+        let old_base = prow.base_layer.clone();
+        if let Some(layer) = &frozen.frozen_layer {
+            prow.base_layer = layer.clone();
+        }
+        self.store.transaction(|tx| {
+            Store::insert_snapshot(tx, &row)?;
+            if let Some(layer) = &frozen.frozen_layer {
+                Store::insert_layer(
+                    tx,
+                    &LayerRow {
+                        path: layer.clone(),
+                        backing: old_base.clone(),
+                        owner: parent.to_string(),
+                    },
+                )?;
+            }
+            Ok(())
+        })?;
+        self.store.update_env(&prow)?;
+        self.emit("environment", parent, "snapshot", Some(prow.state));
+        Ok((row, snapshot_ms))
+    }
+
+    /// Restores `snap` into the reserved `row` on a new overlay.
+    async fn restore_into(&self, row: &mut EnvRow, snap: &SnapshotRow) -> Result<f64> {
+        let frozen = snap.frozen_layer.clone().ok_or_else(|| {
+            ApiError::internal(format!("snapshot {} froze no disk layer", snap.id))
+        })?;
+        let overlay = row.dir.join(DISK);
+        let running = self
+            .backend
+            .restore(&row.dir, &snap.dir, &overlay)
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot restore {}: {e}", row.name)))?;
+        row.state = EnvState::Running;
+        row.pid = Some(running.pid);
+        row.snapshot = Some(snap.id.clone());
+        row.base_layer = frozen;
+        row.exit_reason = None;
+        self.store.update_env(row)?;
+        self.watch(row.name.clone(), row.dir.clone(), running.pid);
+        {
+            let mut m = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
+            m.restores += 1;
+            m.restore_ms_sum += running.start_ms;
+        }
+        self.emit("environment", &row.name, "state", Some(EnvState::Running));
+        Ok(running.start_ms)
+    }
+
+    async fn branch(&self, req: CreateEnvironment, from: String) -> Result<EnvironmentCreated> {
+        let started = Instant::now();
+        let parent = self.env_row(&from)?;
+        if req.vcpus.is_some_and(|v| v != parent.vcpus)
+            || req.memory_mib.is_some_and(|m| m != parent.memory_mib)
+        {
+            return Err(ApiError::bad_request(
+                "a branch has its parent's vcpus and memory; leave them out",
+            ));
+        }
+        let mut row = self.reserve(EnvRow {
+            id: 0,
+            name: req.name.clone(),
+            parent: Some(from.clone()),
+            image: parent.image.clone(),
+            state: EnvState::Starting,
+            vcpus: parent.vcpus,
+            memory_mib: parent.memory_mib,
+            created: now(),
+            snapshot: None,
+            exit_reason: None,
+            pid: None,
+            dir: PathBuf::new(),
+            base_layer: parent.base_layer.clone(),
+        })?;
+        self.emit(
+            "environment",
+            &row.name,
+            "created",
+            Some(EnvState::Starting),
+        );
+        let lock = self.lock_for(&row.name);
+        let _guard = lock.lock().await;
+        let result = async {
+            let (snap, snapshot_ms) = self.take_snapshot(&from).await?;
+            let restore_ms = self.restore_into(&mut row, &snap).await?;
+            Ok::<_, ApiError>(BranchTimings {
+                parent_pause_ms: snap.pause_ms,
+                snapshot_ms,
+                restore_ms,
+                total_ms: 0.0,
+            })
+        }
+        .await;
+        match result {
+            Ok(mut timings) => {
+                timings.total_ms = ms(started);
+                {
+                    let mut m = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
+                    m.branches += 1;
+                    m.branch_ms_sum += timings.total_ms;
+                    m.parent_pause_ms_sum += timings.parent_pause_ms;
+                }
+                Ok(EnvironmentCreated {
+                    environment: Self::public(&row),
+                    branch: Some(timings),
+                })
+            }
+            Err(e) => {
+                self.abandon(&row).await;
+                self.emit("environment", &req.name, "deleted", None);
+                let _ = self.gc();
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops the environment's VMM if it runs and deletes its overlay and run files.
+    async fn stop_and_clear(&self, row: &EnvRow) -> Result<()> {
+        if let Some(pid) = row.pid {
+            self.backend
+                .stop(&row.dir, pid)
+                .await
+                .map_err(|e| ApiError::internal(format!("cannot stop {}: {e}", row.name)))?;
+        }
+        for f in [
+            DISK,
+            CONSOLE,
+            crate::supervisor::CONSOLE_IN,
+            crate::supervisor::VMM_LOG,
+            crate::supervisor::CONTROL,
+            "vm.json",
+        ] {
+            self.backend.remove(&row.dir.join(f));
+        }
+        Ok(())
+    }
+}
+
+impl<B: Backend> Service for Orchestrator<B> {
+    async fn list_images(&self) -> Result<Vec<Image>> {
+        Ok(self.store.images()?)
+    }
+
+    async fn create_image(&self, req: CreateImage) -> Result<Image> {
+        names::validate("image", &req.name)?;
+        let (kernel, rootfs, initrd) = match (&req.build, &req.kernel, &req.rootfs) {
+            (Some(b), None, None) if b == "default" => {
+                let build = self.build_default.clone();
+                let (kernel, rootfs) = tokio::task::spawn_blocking(move || build())
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()))?
+                    .map_err(|e| ApiError::internal(format!("image build failed: {e}")))?;
+                (kernel, rootfs, None)
+            }
+            (Some(b), None, None) => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown build {b:?} (only \"default\")"
+                )))
+            }
+            (None, Some(k), Some(r)) => (k.clone(), r.clone(), req.initrd.clone()),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "give either kernel and rootfs, or build: \"default\"",
+                ))
+            }
+        };
+        for p in [Some(&kernel), Some(&rootfs), initrd.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            if !p.is_absolute() || !p.is_file() {
+                return Err(ApiError::bad_request(format!(
+                    "{} is not an absolute path to a file",
+                    p.display()
+                )));
+            }
+        }
+        let image = Image {
+            name: req.name,
+            kernel,
+            rootfs,
+            initrd,
+            created: now(),
+        };
+        self.store.insert_image(&image)?;
+        self.emit("image", &image.name, "created", None);
+        Ok(image)
+    }
+
+    async fn get_image(&self, name: &str) -> Result<Image> {
+        names::validate("image", name)?;
+        self.store
+            .image(name)?
+            .ok_or_else(|| ApiError::not_found(format!("no image {name:?}")))
+    }
+
+    async fn delete_image(&self, name: &str) -> Result<()> {
+        self.get_image(name).await?;
+        let users = self.store.image_users(name)?;
+        if !users.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "image {name} is used by environments: {}",
+                users.join(", ")
+            )));
+        }
+        self.store.delete_image(name)?;
+        self.emit("image", name, "deleted", None);
+        Ok(())
+    }
+
+    async fn list_environments(&self) -> Result<Vec<Environment>> {
+        // Parents before children: a depth-first walk from the roots.
+        let rows = self.store.envs()?;
+        let names: HashSet<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        let mut out = Vec::new();
+        let mut stack: Vec<&EnvRow> = rows
+            .iter()
+            .filter(|r| r.parent.as_deref().is_none_or(|p| !names.contains(p)))
+            .rev()
+            .collect();
+        while let Some(r) = stack.pop() {
+            out.push(Self::public(r));
+            stack.extend(
+                rows.iter()
+                    .filter(|c| c.parent.as_deref() == Some(r.name.as_str()))
+                    .rev(),
+            );
+        }
+        Ok(out)
+    }
+
+    async fn create_environment(&self, req: CreateEnvironment) -> Result<EnvironmentCreated> {
+        names::validate("environment", &req.name)?;
+        match (req.image.clone(), req.from.clone()) {
+            (Some(image), None) => {
+                names::validate("image", &image)?;
+                self.boot(req, image).await
+            }
+            (None, Some(from)) => {
+                names::validate("environment", &from)?;
+                self.branch(req, from).await
+            }
+            _ => Err(ApiError::bad_request(
+                "give exactly one of image (boot) or from (branch)",
+            )),
+        }
+    }
+
+    async fn get_environment(&self, name: &str) -> Result<Environment> {
+        Ok(Self::public(&self.env_row(name)?))
+    }
+
+    async fn delete_environment(&self, name: &str, force: bool) -> Result<()> {
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        let row = self.env_row(name)?;
+        let children = self.store.children(name)?;
+        if !children.is_empty() && !force {
+            return Err(ApiError::conflict(format!(
+                "environments {} depend on layers of {name}; delete them first or use force=true",
+                children.join(", ")
+            )));
+        }
+        self.stop_and_clear(&row).await?;
+        self.store.delete_env(name)?;
+        self.gc()?;
+        let _ = std::fs::remove_dir(&row.dir);
+        self.emit("environment", name, "deleted", None);
+        Ok(())
+    }
+
+    async fn pause(&self, name: &str) -> Result<Environment> {
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        let row = self.env_row(name)?;
+        if row.state != EnvState::Running {
+            return Err(ApiError::conflict(format!(
+                "environment {name} is not running"
+            )));
+        }
+        self.backend
+            .pause(&row.dir)
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot pause {name}: {e}")))?;
+        self.store
+            .set_state(name, EnvState::Paused, row.pid, None)?;
+        self.emit("environment", name, "state", Some(EnvState::Paused));
+        self.get_environment(name).await
+    }
+
+    async fn resume(&self, name: &str) -> Result<Environment> {
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        let row = self.env_row(name)?;
+        if row.state != EnvState::Paused {
+            return Err(ApiError::conflict(format!(
+                "environment {name} is not paused"
+            )));
+        }
+        self.backend
+            .resume(&row.dir)
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot resume {name}: {e}")))?;
+        self.store
+            .set_state(name, EnvState::Running, row.pid, None)?;
+        self.emit("environment", name, "state", Some(EnvState::Running));
+        self.get_environment(name).await
+    }
+
+    async fn snapshot(&self, name: &str) -> Result<Snapshot> {
+        let (row, _) = self.take_snapshot(name).await?;
+        Ok(Snapshot {
+            id: row.id,
+            environment: row.environment,
+            parent: row.parent,
+            created: row.created,
+            pause_ms: row.pause_ms,
+        })
+    }
+
+    async fn sync(&self, name: &str) -> Result<EnvironmentCreated> {
+        let started = Instant::now();
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        let mut row = self.env_row(name)?;
+        let Some(parent) = row.parent.clone() else {
+            return Err(ApiError::conflict(format!(
+                "environment {name} was not branched from another; nothing to sync from"
+            )));
+        };
+        let children = self.store.children(name)?;
+        if !children.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "environments {} were branched from {name}; sync would drop what they share",
+                children.join(", ")
+            )));
+        }
+        // Snapshot the parent first: if that fails, the environment is untouched.
+        let (snap, snapshot_ms) = self.take_snapshot(&parent).await?;
+        self.stop_and_clear(&row).await?;
+        row.state = EnvState::Starting;
+        row.pid = None;
+        self.store.update_env(&row)?;
+        let restore_ms = self.restore_into(&mut row, &snap).await.inspect_err(|_| {
+            let _ = self
+                .store
+                .set_state(name, EnvState::Failed, None, Some("sync failed"));
+        })?;
+        self.gc()?;
+        Ok(EnvironmentCreated {
+            environment: Self::public(&row),
+            branch: Some(BranchTimings {
+                parent_pause_ms: snap.pause_ms,
+                snapshot_ms,
+                restore_ms,
+                total_ms: ms(started),
+            }),
+        })
+    }
+
+    async fn console(&self, name: &str, offset: u64, limit: usize) -> Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let row = self.env_row(name)?;
+        let path = row.dir.join(CONSOLE);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(ApiError::internal(format!("{}: {e}", path.display()))),
+        };
+        file.seek(SeekFrom::Start(offset))
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let mut buf = Vec::new();
+        file.take(limit as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(buf)
+    }
+
+    async fn console_input(&self, name: &str, input: Vec<u8>) -> Result<()> {
+        let row = self.env_row(name)?;
+        if !matches!(row.state, EnvState::Running | EnvState::Paused) {
+            return Err(ApiError::conflict(format!(
+                "environment {name} is not running"
+            )));
+        }
+        if input.len() > 4096 {
+            return Err(ApiError::bad_request(
+                "console input is limited to 4096 bytes",
+            ));
+        }
+        self.backend
+            .console_input(&row.dir, &input)
+            .map_err(|e| ApiError::internal(format!("{name}: {e}")))
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        let envs = self.store.envs().unwrap_or_default();
+        out.push_str(
+            "# HELP grove_environments Environments by state.\n# TYPE grove_environments gauge\n",
+        );
+        for state in ["starting", "running", "paused", "stopped", "failed"] {
+            let n = envs
+                .iter()
+                .filter(|e| {
+                    serde_json::to_value(e.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        == Some(state.to_string())
+                })
+                .count();
+            out.push_str(&format!("grove_environments{{state=\"{state}\"}} {n}\n"));
+        }
+        let m = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
+        out.push_str(&format!(
+            "# TYPE grove_branches_total counter\ngrove_branches_total {}\n\
+             # TYPE grove_branch_duration_ms_sum counter\ngrove_branch_duration_ms_sum {:.3}\n\
+             # TYPE grove_branch_parent_pause_ms_sum counter\ngrove_branch_parent_pause_ms_sum {:.3}\n\
+             # TYPE grove_restores_total counter\ngrove_restores_total {}\n\
+             # TYPE grove_restore_duration_ms_sum counter\ngrove_restore_duration_ms_sum {:.3}\n\
+             # TYPE grove_boots_total counter\ngrove_boots_total {}\n",
+            m.branches, m.branch_ms_sum, m.parent_pause_ms_sum, m.restores, m.restore_ms_sum, m.boots
+        ));
+        out
+    }
+}
+
+#[cfg(test)]
+#[path = "orchestrator_tests.rs"]
+mod tests;

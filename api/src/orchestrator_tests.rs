@@ -1,0 +1,415 @@
+//! The orchestrator against a fake backend: no VMs, no HTTP; real SQLite and real files in a
+//! temporary data directory.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use vmm::disk::DiskFormat;
+
+use crate::backend::{BResult, Backend, Frozen, Running, VmSpec};
+use crate::model::{CreateEnvironment, CreateImage, EnvState};
+use crate::orchestrator::Orchestrator;
+use crate::service::Service;
+
+/// Fake VMMs: a pid per start, alive until `exit` is called.
+#[derive(Default)]
+struct Fake {
+    next_pid: AtomicU32,
+    alive: Mutex<HashSet<u32>>,
+    exits: Mutex<HashMap<u32, (Arc<Notify>, String)>>,
+    calls: Mutex<Vec<String>>,
+}
+
+impl Fake {
+    fn start(&self) -> Running {
+        let pid = 1000 + self.next_pid.fetch_add(1, Ordering::SeqCst);
+        self.alive.lock().unwrap().insert(pid);
+        self.exits
+            .lock()
+            .unwrap()
+            .insert(pid, (Arc::new(Notify::new()), String::new()));
+        Running { pid, start_ms: 1.0 }
+    }
+
+    fn exit(&self, pid: u32, reason: &str) {
+        self.alive.lock().unwrap().remove(&pid);
+        let mut exits = self.exits.lock().unwrap();
+        if let Some(e) = exits.get_mut(&pid) {
+            e.1 = reason.to_string();
+            e.0.notify_one();
+        }
+    }
+
+    fn log(&self, call: String) {
+        self.calls.lock().unwrap().push(call);
+    }
+}
+
+/// The backend handed to the orchestrator, sharing the fake with the test.
+struct FakeBackend(Arc<Fake>);
+
+impl Backend for FakeBackend {
+    fn create_overlay(&self, path: &Path, backing: &Path, _format: DiskFormat) -> BResult<()> {
+        self.0.log(format!("overlay {}", path.display()));
+        std::fs::write(path, backing.to_string_lossy().as_bytes()).map_err(|e| e.to_string())
+    }
+
+    async fn boot(&self, spec: &VmSpec) -> BResult<Running> {
+        self.0.log(format!("boot {}", spec.dir.display()));
+        Ok(self.0.start())
+    }
+
+    async fn restore(&self, dir: &Path, snapshot: &Path, overlay: &Path) -> BResult<Running> {
+        self.0
+            .log(format!("restore {} {}", dir.display(), snapshot.display()));
+        std::fs::write(overlay, b"clone").map_err(|e| e.to_string())?;
+        Ok(self.0.start())
+    }
+
+    async fn snapshot(&self, dir: &Path, into: &Path) -> BResult<Frozen> {
+        self.0.log(format!("snapshot {}", dir.display()));
+        std::fs::create_dir_all(into).map_err(|e| e.to_string())?;
+        let name = into.file_name().unwrap().to_string_lossy().into_owned();
+        let frozen = dir.join(format!("disk@{name}.qcow2"));
+        std::fs::write(&frozen, b"frozen").map_err(|e| e.to_string())?;
+        Ok(Frozen {
+            pause_ms: 2.0,
+            frozen_layer: Some(frozen),
+        })
+    }
+
+    async fn pause(&self, _dir: &Path) -> BResult<()> {
+        Ok(())
+    }
+
+    async fn resume(&self, _dir: &Path) -> BResult<()> {
+        Ok(())
+    }
+
+    async fn stop(&self, _dir: &Path, pid: u32) -> BResult<()> {
+        self.0.exit(pid, "the VM was stopped");
+        Ok(())
+    }
+
+    async fn wait_exit(&self, _dir: &Path, pid: u32) -> String {
+        let notify = self.0.exits.lock().unwrap().get(&pid).map(|e| e.0.clone());
+        if let Some(n) = notify {
+            if self.0.alive.lock().unwrap().contains(&pid) {
+                n.notified().await;
+            }
+        }
+        self.0
+            .exits
+            .lock()
+            .unwrap()
+            .get(&pid)
+            .map(|e| e.1.clone())
+            .unwrap_or_default()
+    }
+
+    fn console_input(&self, dir: &Path, input: &[u8]) -> BResult<()> {
+        self.0.log(format!(
+            "input {} {}",
+            dir.display(),
+            String::from_utf8_lossy(input)
+        ));
+        Ok(())
+    }
+
+    fn is_running(&self, _dir: &Path, pid: u32) -> bool {
+        self.0.alive.lock().unwrap().contains(&pid)
+    }
+
+    fn remove(&self, path: &Path) {
+        if path.is_dir() {
+            let _ = std::fs::remove_dir_all(path);
+        } else {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+struct Setup {
+    data: PathBuf,
+    fake: Arc<Fake>,
+    orch: Arc<Orchestrator<FakeBackend>>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+fn setup(tag: &str) -> Setup {
+    let data = std::env::temp_dir().join(format!("grove-orch-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).unwrap();
+    let fake = Arc::new(Fake::default());
+    let orch = open(&data, &fake);
+    Setup { data, fake, orch }
+}
+
+fn open(data: &Path, fake: &Arc<Fake>) -> Arc<Orchestrator<FakeBackend>> {
+    let files = data.join("image");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("vmlinux"), b"k").unwrap();
+    std::fs::write(files.join("rootfs.ext4"), b"r").unwrap();
+    let (k, r) = (files.join("vmlinux"), files.join("rootfs.ext4"));
+    Orchestrator::open(
+        data,
+        FakeBackend(fake.clone()),
+        Arc::new(move || Ok((k.clone(), r.clone()))),
+    )
+    .unwrap()
+}
+
+async fn with_image(s: &Setup) {
+    s.orch
+        .create_image(CreateImage {
+            name: "default".into(),
+            kernel: None,
+            rootfs: None,
+            initrd: None,
+            build: Some("default".into()),
+        })
+        .await
+        .unwrap();
+}
+
+fn boot_req(name: &str) -> CreateEnvironment {
+    CreateEnvironment {
+        name: name.into(),
+        image: Some("default".into()),
+        from: None,
+        vcpus: None,
+        memory_mib: None,
+    }
+}
+
+fn branch_req(name: &str, from: &str) -> CreateEnvironment {
+    CreateEnvironment {
+        name: name.into(),
+        image: None,
+        from: Some(from.into()),
+        vcpus: None,
+        memory_mib: None,
+    }
+}
+
+/// Files under `dir`, relative, sorted.
+fn files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn boot_branch_and_delete_leave_nothing_behind() {
+    let s = setup("lifecycle");
+    with_image(&s).await;
+    let main = s.orch.create_environment(boot_req("main")).await.unwrap();
+    assert_eq!(main.environment.state, EnvState::Running);
+    assert!(main.branch.is_none());
+    let x = s
+        .orch
+        .create_environment(branch_req("feature/x", "main"))
+        .await
+        .unwrap();
+    assert_eq!(x.environment.parent.as_deref(), Some("main"));
+    assert_eq!(x.environment.snapshot.as_deref(), Some("main@1"));
+    let t = x.branch.unwrap();
+    assert_eq!(t.parent_pause_ms, 2.0);
+    let list = s.orch.list_environments().await.unwrap();
+    let names: Vec<&str> = list.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["main", "feature/x"]);
+
+    // main's frozen layer is what feature/x sits on: main cannot go without force.
+    let e = s.orch.delete_environment("main", false).await.unwrap_err();
+    assert_eq!(e.status, 409);
+    s.orch.delete_environment("main", true).await.unwrap();
+    let x = s.orch.get_environment("feature/x").await.unwrap();
+    assert_eq!(x.parent, None);
+    let left = files(&s.data.join("envs"));
+    assert!(left.iter().any(|f| f.contains("disk@")), "{left:?}");
+    s.orch.delete_environment("feature/x", false).await.unwrap();
+    assert_eq!(files(&s.data.join("envs")), Vec::<String>::new());
+    assert_eq!(files(&s.data.join("snapshots")), Vec::<String>::new());
+    assert!(s.orch.store().envs().unwrap().is_empty());
+    assert!(s.orch.store().snapshots().unwrap().is_empty());
+    assert!(s.orch.store().layers().unwrap().is_empty());
+    assert!(s.fake.alive.lock().unwrap().is_empty(), "every VMM stopped");
+}
+
+#[tokio::test]
+async fn bad_requests_are_4xx() {
+    let s = setup("errors");
+    let e = s
+        .orch
+        .create_environment(boot_req("main"))
+        .await
+        .unwrap_err();
+    assert_eq!((e.status, e.code), (404, "not_found"));
+    with_image(&s).await;
+    for (req, status) in [
+        (boot_req("../etc"), 400),
+        (boot_req(""), 400),
+        (
+            CreateEnvironment {
+                from: Some("x".into()),
+                ..boot_req("y")
+            },
+            400,
+        ),
+        (
+            CreateEnvironment {
+                vcpus: Some(0),
+                ..boot_req("y")
+            },
+            400,
+        ),
+        (
+            CreateEnvironment {
+                memory_mib: Some(u64::MAX),
+                ..boot_req("y")
+            },
+            400,
+        ),
+        (branch_req("y", "nope"), 404),
+    ] {
+        let e = s.orch.create_environment(req.clone()).await.unwrap_err();
+        assert_eq!(e.status, status, "{req:?}: {e}");
+    }
+    s.orch.create_environment(boot_req("main")).await.unwrap();
+    let e = s
+        .orch
+        .create_environment(boot_req("main"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 409);
+    let e = s.orch.delete_image("default").await.unwrap_err();
+    assert_eq!(e.status, 409);
+    let e = s.orch.resume("main").await.unwrap_err();
+    assert_eq!(e.status, 409);
+    s.orch.pause("main").await.unwrap();
+    let e = s.orch.pause("main").await.unwrap_err();
+    assert_eq!(e.status, 409);
+    let e = s.orch.sync("main").await.unwrap_err();
+    assert_eq!(e.status, 409);
+    // No half-made environment after the failures.
+    assert_eq!(s.orch.list_environments().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn sync_reclones_from_the_parent_and_drops_the_old_snapshot() {
+    let s = setup("sync");
+    with_image(&s).await;
+    s.orch.create_environment(boot_req("main")).await.unwrap();
+    s.orch
+        .create_environment(branch_req("staging", "main"))
+        .await
+        .unwrap();
+    let synced = s.orch.sync("staging").await.unwrap();
+    assert_eq!(synced.environment.snapshot.as_deref(), Some("main@2"));
+    assert_eq!(synced.environment.state, EnvState::Running);
+    // main@1 belongs to main, which still exists: kept. Only one VMM per environment runs.
+    assert_eq!(s.fake.alive.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_branches_of_one_parent_all_succeed() {
+    let s = setup("concurrent");
+    with_image(&s).await;
+    s.orch.create_environment(boot_req("main")).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let o = s.orch.clone();
+        tasks.push(tokio::spawn(async move {
+            o.create_environment(branch_req(&format!("b{i}"), "main"))
+                .await
+        }));
+    }
+    let mut snapshots = HashSet::new();
+    for t in tasks {
+        let c = t.await.unwrap().unwrap();
+        assert!(snapshots.insert(c.environment.snapshot.unwrap()));
+    }
+    assert_eq!(snapshots.len(), 8);
+}
+
+#[tokio::test]
+async fn a_vmm_exit_is_recorded_and_a_restart_reattaches_or_reports() {
+    let s = setup("restart");
+    with_image(&s).await;
+    let a = s.orch.create_environment(boot_req("a")).await.unwrap();
+    let b = s.orch.create_environment(boot_req("b")).await.unwrap();
+    s.fake.exit(a.environment.pid.unwrap(), "guest powered off");
+    for _ in 0..100 {
+        if s.orch.get_environment("a").await.unwrap().state == EnvState::Stopped {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let a = s.orch.get_environment("a").await.unwrap();
+    assert_eq!(a.state, EnvState::Stopped);
+    assert_eq!(a.exit_reason.as_deref(), Some("guest powered off"));
+
+    // "Restart": a new orchestrator on the same data; b's VMM lives on, c's died meanwhile.
+    let c = s.orch.create_environment(boot_req("c")).await.unwrap();
+    s.fake
+        .alive
+        .lock()
+        .unwrap()
+        .remove(&c.environment.pid.unwrap());
+    std::fs::create_dir_all(s.data.join("envs/999")).unwrap();
+    let again = open(&s.data, &s.fake);
+    again.recover().unwrap();
+    assert_eq!(
+        again.get_environment("b").await.unwrap().state,
+        EnvState::Running
+    );
+    assert_eq!(
+        b.environment.pid,
+        again.get_environment("b").await.unwrap().pid
+    );
+    let c = again.get_environment("c").await.unwrap();
+    assert_eq!(c.state, EnvState::Failed);
+    assert!(c.exit_reason.unwrap().contains("while groved was down"));
+    assert!(
+        !s.data.join("envs/999").exists(),
+        "stray directories are swept"
+    );
+}
+
+#[tokio::test]
+async fn events_report_state_changes() {
+    let s = setup("events");
+    with_image(&s).await;
+    let mut rx = s.orch.subscribe();
+    s.orch.create_environment(boot_req("main")).await.unwrap();
+    let first = rx.recv().await.unwrap();
+    assert_eq!(
+        (first.name.as_str(), first.action.as_str()),
+        ("main", "created")
+    );
+    let second = rx.recv().await.unwrap();
+    assert_eq!(second.state, Some(EnvState::Running));
+    assert!(s
+        .orch
+        .metrics()
+        .contains("grove_environments{state=\"running\"} 1"));
+}

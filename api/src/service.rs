@@ -1,0 +1,61 @@
+//! The seam between the HTTP layer and the orchestrator: everything the API can do, with no
+//! HTTP types. The daemon implements it with [`crate::orchestrator::Orchestrator`]; the HTTP
+//! tests with a fake.
+
+use std::future::Future;
+
+use tokio::sync::broadcast;
+
+use crate::error::ApiError;
+use crate::model::{
+    CreateEnvironment, CreateImage, Environment, EnvironmentCreated, Event, Image, Snapshot,
+};
+
+pub type Result<T> = std::result::Result<T, ApiError>;
+
+/// What the API offers. Names arrive unvalidated; implementations validate them.
+pub trait Service: Send + Sync + 'static {
+    fn list_images(&self) -> impl Future<Output = Result<Vec<Image>>> + Send;
+    fn create_image(&self, req: CreateImage) -> impl Future<Output = Result<Image>> + Send;
+    fn get_image(&self, name: &str) -> impl Future<Output = Result<Image>> + Send;
+    fn delete_image(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Every environment; parents before children.
+    fn list_environments(&self) -> impl Future<Output = Result<Vec<Environment>>> + Send;
+    fn create_environment(
+        &self,
+        req: CreateEnvironment,
+    ) -> impl Future<Output = Result<EnvironmentCreated>> + Send;
+    fn get_environment(&self, name: &str) -> impl Future<Output = Result<Environment>> + Send;
+    /// Stops the VM and releases its files; refuses (409) while children depend on layers
+    /// only it holds, unless `force`.
+    fn delete_environment(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn pause(&self, name: &str) -> impl Future<Output = Result<Environment>> + Send;
+    fn resume(&self, name: &str) -> impl Future<Output = Result<Environment>> + Send;
+    fn snapshot(&self, name: &str) -> impl Future<Output = Result<Snapshot>> + Send;
+    /// Re-clones the environment from its parent's current state.
+    fn sync(&self, name: &str) -> impl Future<Output = Result<EnvironmentCreated>> + Send;
+    /// Console output from byte `offset` on (at most `limit` bytes).
+    fn console(
+        &self,
+        name: &str,
+        offset: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<u8>>> + Send;
+
+    /// Types `input` on the environment's console (the guest's serial input). Until the
+    /// guest agent exists this is how a caller drives a guest.
+    fn console_input(&self, name: &str, input: Vec<u8>) -> impl Future<Output = Result<()>> + Send {
+        let _ = (name, input);
+        async { Err(ApiError::not_found("console input is not supported here")) }
+    }
+
+    /// State changes from now on.
+    fn subscribe(&self) -> broadcast::Receiver<Event>;
+    /// Prometheus text exposition of the daemon's own figures (the HTTP layer adds its own).
+    fn metrics(&self) -> String;
+}

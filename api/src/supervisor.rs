@@ -1,0 +1,390 @@
+//! The real [`Backend`]: one `grove-vmm` process per environment, driven through its control
+//! socket, and the disk files beside it.
+//!
+//! Each environment's directory holds `disk.qcow2` (its overlay), `control.sock`,
+//! `console.log` (the guest console), `vmm.log` (the VMM's own log) and `vm.json`. VMMs run
+//! in their own process group, so they outlive a restart of the daemon; the daemon reaps
+//! the ones it started and watches the others (after a restart) through a pidfd.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::io::unix::AsyncFd;
+use tokio::process::{Child, Command};
+use vmm::control::client::ControlClient;
+use vmm::control::protocol::{Request, Response, SnapshotRequest};
+use vmm::disk::{DiskFormat, LayerRecord};
+use vmm::{DiskConfig, VmConfig};
+
+use crate::backend::{Backend, Frozen, Running, VmSpec};
+
+pub const DISK: &str = "disk.qcow2";
+pub const CONTROL: &str = "control.sock";
+pub const CONSOLE: &str = "console.log";
+pub const VMM_LOG: &str = "vmm.log";
+/// A FIFO the VMM reads as its standard input (the guest console's input).
+pub const CONSOLE_IN: &str = "console.in";
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `grove-vmm` processes.
+pub struct Supervisor {
+    vmm_bin: PathBuf,
+    /// Processes this daemon started, to reap.
+    children: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<Child>>>>,
+}
+
+impl Supervisor {
+    pub fn new(vmm_bin: PathBuf) -> Self {
+        Self {
+            vmm_bin,
+            children: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `$GROVE_VMM_BIN`, else `grove-vmm` beside this executable, else from `PATH`.
+    pub fn find_vmm_bin() -> PathBuf {
+        if let Some(p) = std::env::var_os("GROVE_VMM_BIN") {
+            return PathBuf::from(p);
+        }
+        if let Ok(exe) = std::env::current_exe() {
+            for dir in exe.ancestors().skip(1).take(2) {
+                let candidate = dir.join("grove-vmm");
+                if candidate.is_file() {
+                    return candidate;
+                }
+            }
+        }
+        PathBuf::from("grove-vmm")
+    }
+
+    fn spawn(
+        &self,
+        dir: &Path,
+        args: &[String],
+    ) -> Result<(u32, Arc<tokio::sync::Mutex<Child>>), String> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(VMM_LOG))
+            .map_err(|e| format!("cannot open {}: {e}", dir.join(VMM_LOG).display()))?;
+        let fifo = dir.join(CONSOLE_IN);
+        if !fifo.exists() {
+            let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())
+                .map_err(|_| format!("bad path {}", fifo.display()))?;
+            // SAFETY: mkfifo reads the NUL-terminated path and creates a FIFO; nothing else.
+            if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+                return Err(format!(
+                    "cannot create {}: {}",
+                    fifo.display(),
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        // Opened for reading and writing, so the VMM never sees end-of-file between writers.
+        let input = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .map_err(|e| format!("cannot open {}: {e}", fifo.display()))?;
+        let mut cmd = Command::new(&self.vmm_bin);
+        cmd.args(args)
+            .stdin(input)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(false);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.vmm_bin.display()))?;
+        let pid = child.id().ok_or("the VMM exited at once")?;
+        let child = Arc::new(tokio::sync::Mutex::new(child));
+        self.children
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(pid, child.clone());
+        Ok((pid, child))
+    }
+
+    /// Waits until the VMM in `dir` answers `status`, or fails with its log's last lines.
+    async fn wait_ready(
+        &self,
+        dir: &Path,
+        child: &Arc<tokio::sync::Mutex<Child>>,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let sock = dir.join(CONTROL);
+        loop {
+            if let Ok(Some(status)) = child.lock().await.try_wait() {
+                return Err(format!(
+                    "the VMM exited ({status}) while starting: {}",
+                    last_lines(&dir.join(VMM_LOG), 3)
+                ));
+            }
+            let s = sock.clone();
+            let ok = tokio::task::spawn_blocking(move || {
+                ControlClient::connect(&s)
+                    .and_then(|mut c| c.request(Request::Status))
+                    .map(|r| matches!(r, Response::Status(_)))
+                    .unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false);
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the VMM did not answer within {START_TIMEOUT:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn request(dir: &Path, request: Request) -> Result<Response, String> {
+        let sock = dir.join(CONTROL);
+        let response = tokio::task::spawn_blocking(move || {
+            ControlClient::connect(&sock)
+                .and_then(|mut c| c.request(request))
+                .map_err(|e| format!("control socket {}: {e}", sock.display()))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        match response {
+            Response::Error(e) => Err(e.message),
+            other => Ok(other),
+        }
+    }
+}
+
+/// The last `n` lines of a log file (at most its last 4 KiB), joined with " | ".
+pub fn last_lines(path: &Path, n: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
+    let mut text = String::new();
+    let _ = f.read_to_string(&mut text);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// Why the VMM in `dir` ended, from its log ("VM exited: ...").
+pub fn exit_reason_from_log(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(VMM_LOG)).ok()?;
+    text.lines()
+        .rev()
+        .find_map(|l| l.split("VM exited: ").nth(1))
+        .map(str::to_string)
+}
+
+/// Whether process `pid` is a `grove-vmm` serving `dir` (guards against pid reuse).
+fn is_vmm_of(pid: u32, dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let sock = dir.join(CONTROL);
+    let sock = sock.to_string_lossy();
+    cmdline.split(|b| *b == 0).any(|arg| arg == sock.as_bytes())
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; nothing
+    // is borrowed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+impl Backend for Supervisor {
+    fn create_overlay(
+        &self,
+        path: &Path,
+        backing: &Path,
+        format: DiskFormat,
+    ) -> Result<(), String> {
+        vmm::disk::create_overlay(
+            path,
+            Some(&LayerRecord {
+                path: backing.to_path_buf(),
+                format,
+            }),
+            vmm::disk::chain::virtual_size(backing, format).map_err(|e| e.to_string())?,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+
+    async fn boot(&self, spec: &VmSpec) -> Result<Running, String> {
+        let mut config = VmConfig::new(&spec.kernel);
+        config.initrd = spec.initrd.clone();
+        config.vcpus = spec.vcpus;
+        config.memory_mib = spec.memory_mib;
+        config.serial = Some(spec.dir.join(CONSOLE));
+        config.rootfs = Some(DiskConfig {
+            format: DiskFormat::Qcow2,
+            allow_backing: true,
+            ..DiskConfig::raw(spec.dir.join(DISK), false)
+        });
+        let json = serde_json::to_vec_pretty(&config).map_err(|e| e.to_string())?;
+        let config_path = spec.dir.join("vm.json");
+        std::fs::write(&config_path, json)
+            .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
+        let started = Instant::now();
+        let (pid, child) = self.spawn(
+            &spec.dir,
+            &[
+                "run".into(),
+                "--config".into(),
+                config_path.to_string_lossy().into_owned(),
+                "--control".into(),
+                spec.dir.join(CONTROL).to_string_lossy().into_owned(),
+            ],
+        )?;
+        self.wait_ready(&spec.dir, &child).await?;
+        Ok(Running {
+            pid,
+            start_ms: started.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    async fn restore(
+        &self,
+        dir: &Path,
+        snapshot: &Path,
+        overlay: &Path,
+    ) -> Result<Running, String> {
+        let started = Instant::now();
+        let (pid, child) = self.spawn(
+            dir,
+            &[
+                "restore".into(),
+                "--snapshot".into(),
+                snapshot.to_string_lossy().into_owned(),
+                "--control".into(),
+                dir.join(CONTROL).to_string_lossy().into_owned(),
+                "--serial".into(),
+                dir.join(CONSOLE).to_string_lossy().into_owned(),
+                "--disk-override".into(),
+                format!("disk0={}", overlay.display()),
+            ],
+        )?;
+        self.wait_ready(dir, &child).await?;
+        Ok(Running {
+            pid,
+            start_ms: started.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    async fn snapshot(&self, dir: &Path, into: &Path) -> Result<Frozen, String> {
+        let response = Self::request(
+            dir,
+            Request::Snapshot(SnapshotRequest {
+                dir: into.to_path_buf(),
+                kind: Default::default(),
+                parent: None,
+                resume: true,
+            }),
+        )
+        .await?;
+        match response {
+            Response::Snapshot(info) => Ok(Frozen {
+                pause_ms: info.pause_ms,
+                frozen_layer: info.frozen_layers.into_iter().next(),
+            }),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+
+    async fn pause(&self, dir: &Path) -> Result<(), String> {
+        Self::request(dir, Request::Pause).await.map(|_| ())
+    }
+
+    async fn resume(&self, dir: &Path) -> Result<(), String> {
+        Self::request(dir, Request::Resume).await.map(|_| ())
+    }
+
+    async fn stop(&self, dir: &Path, pid: u32) -> Result<(), String> {
+        if !is_vmm_of(pid, dir) {
+            return Ok(());
+        }
+        let _ = Self::request(dir, Request::Shutdown).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while is_vmm_of(pid, dir) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if is_vmm_of(pid, dir) {
+            // SAFETY: kill takes a pid and a signal number; nothing is borrowed.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        Ok(())
+    }
+
+    async fn wait_exit(&self, dir: &Path, pid: u32) -> String {
+        let child = self
+            .children
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&pid)
+            .cloned();
+        if let Some(child) = child {
+            let status = child.lock().await.wait().await;
+            self.children
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&pid);
+            return exit_reason_from_log(dir).unwrap_or_else(|| match status {
+                Ok(s) => format!("the VMM exited ({s})"),
+                Err(e) => format!("the VMM could not be waited for: {e}"),
+            });
+        }
+        // Not our child (the daemon restarted): a pidfd becomes readable when it exits.
+        if is_vmm_of(pid, dir) {
+            if let Ok(fd) = pidfd_open(pid) {
+                // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so its descriptor stays
+                // open and the same for the AsyncFd's whole life.
+                if let Ok(afd) = unsafe { AsyncFd::register(fd) } {
+                    let _ = afd.readable().await;
+                }
+            }
+        }
+        exit_reason_from_log(dir).unwrap_or_else(|| "the VMM ended".to_string())
+    }
+
+    fn is_running(&self, dir: &Path, pid: u32) -> bool {
+        is_vmm_of(pid, dir)
+    }
+
+    fn console_input(&self, dir: &Path, input: &[u8]) -> Result<(), String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let fifo = dir.join(CONSOLE_IN);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .map_err(|e| format!("cannot open {}: {e}", fifo.display()))?;
+        f.write_all(input)
+            .map_err(|e| format!("cannot write to the console: {e}"))
+    }
+
+    fn remove(&self, path: &Path) {
+        let r = if path.is_dir() {
+            std::fs::remove_dir_all(path)
+        } else {
+            std::fs::remove_file(path)
+        };
+        if let Err(e) = r {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("cannot remove {}: {e}", path.display());
+            }
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! End to end with the real image, through a real `groved` and its HTTP API: create `main`,
+//! write data in it, branch `feature-x` from it, see the data there and that writes in
+//! `feature-x` do not reach `main`, `sync` `feature-x` to see `main`'s newer data, restart
+//! the daemon with both VMs running (they are re-attached), delete both, and find nothing
+//! left behind: no processes, no files, no rows.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(240);
+
+/// One HTTP/1.1 request over the daemon's socket: (status, body).
+fn http(sock: &Path, method: &str, path: &str, body: Option<&[u8]>, ctype: &str) -> (u16, Vec<u8>) {
+    let mut s = UnixStream::connect(sock).expect("connect to groved");
+    s.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
+    let body = body.unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: grove\r\nConnection: close\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP answer");
+    let head = String::from_utf8_lossy(&out[..split]).to_string();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = out[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
+        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
+        b = &b[eol + 2 + n + 2..];
+    }
+    out
+}
+
+fn json_req(sock: &Path, method: &str, path: &str, body: Value) -> (u16, Value) {
+    let text = body.to_string();
+    let (status, out) = http(
+        sock,
+        method,
+        path,
+        Some(text.as_bytes()),
+        "application/json",
+    );
+    (status, serde_json::from_slice(&out).unwrap_or(Value::Null))
+}
+
+fn get(sock: &Path, path: &str) -> (u16, Value) {
+    let (status, out) = http(sock, "GET", path, None, "application/json");
+    (status, serde_json::from_slice(&out).unwrap_or(Value::Null))
+}
+
+fn console(sock: &Path, env: &str) -> String {
+    let (_, out) = http(
+        sock,
+        "GET",
+        &format!("/v1/environments/{env}/console"),
+        None,
+        "text/plain",
+    );
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn wait_console(sock: &Path, env: &str, needle: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = console(sock, env);
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{env}: no {needle:?} within {WAIT:?}; console:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn type_line(sock: &Path, env: &str, line: &str) {
+    let (status, out) = http(
+        sock,
+        "POST",
+        &format!("/v1/environments/{env}/console"),
+        Some(format!("{line}\n").as_bytes()),
+        "text/plain",
+    );
+    assert_eq!(status, 204, "{}", String::from_utf8_lossy(&out));
+}
+
+struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    fn start(data: &Path, sock: &Path) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_groved"))
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--socket")
+            .arg(sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start groved");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(sock).is_err() {
+            assert!(Instant::now() < deadline, "groved did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child }
+    }
+
+    fn stop(mut self) {
+        // SAFETY: kill takes a pid and a signal number; nothing is borrowed.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// grove-vmm processes whose command line mentions `data`.
+fn vmms_under(data: &Path) -> Vec<u32> {
+    let needle = data.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains(&needle) && c.contains("grove-vmm")
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn main_branch_sync_restart_and_delete() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "this test needs KVM: /dev/kvm is missing on this host"
+    );
+    let cache = grove_images::default_cache_dir().unwrap();
+    let set = grove_images::locate_default(&cache)
+        .or_else(|_| grove_images::build_default(&cache))
+        .expect("the default images");
+    let tmp = std::env::temp_dir().join(format!("grove-e2e-api-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let data = tmp.join("data");
+    let sock = tmp.join("groved.sock");
+    let daemon = Daemon::start(&data, &sock);
+
+    let (status, body) = json_req(
+        &sock,
+        "POST",
+        "/v1/images",
+        json!({"name": "default", "kernel": set.vmlinux, "rootfs": set.rootfs}),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = json_req(
+        &sock,
+        "POST",
+        "/v1/environments",
+        json!({"name": "main", "image": "default", "memory_mib": 256}),
+    );
+    assert_eq!(status, 201, "{body}");
+    wait_console(&sock, "main", "GROVE-INIT-READY");
+    type_line(
+        &sock,
+        "main",
+        "echo main-data-1 > /data.txt; sync; echo W1-$((1+1))",
+    );
+    wait_console(&sock, "main", "W1-2");
+
+    let (status, body) = json_req(
+        &sock,
+        "POST",
+        "/v1/environments",
+        json!({"name": "feature-x", "from": "main"}),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["environment"]["parent"], "main");
+    eprintln!("branch timings: {}", body["branch"]);
+    assert!(body["branch"]["parent_pause_ms"].as_f64().is_some());
+
+    type_line(&sock, "feature-x", "echo FX-$(cat /data.txt)");
+    wait_console(&sock, "feature-x", "FX-main-data-1");
+    type_line(
+        &sock,
+        "feature-x",
+        "echo fx-wrote > /data.txt; sync; echo W2-$((2+2))",
+    );
+    wait_console(&sock, "feature-x", "W2-4");
+    type_line(&sock, "main", "echo M-$(cat /data.txt)");
+    wait_console(&sock, "main", "M-main-data-1");
+    type_line(
+        &sock,
+        "main",
+        "echo main-data-2 > /data.txt; sync; echo W3-$((3+3))",
+    );
+    wait_console(&sock, "main", "W3-6");
+
+    let (status, body) = http(
+        &sock,
+        "POST",
+        "/v1/environments/feature-x/sync",
+        None,
+        "application/json",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    type_line(&sock, "feature-x", "echo FS-$(cat /data.txt)");
+    wait_console(&sock, "feature-x", "FS-main-data-2");
+
+    // A daemon restart re-attaches to both VMs.
+    let (_, before) = get(&sock, "/v1/environments");
+    daemon.stop();
+    assert_eq!(vmms_under(&data).len(), 2, "the VMMs outlive the daemon");
+    let daemon = Daemon::start(&data, &sock);
+    let (_, after) = get(&sock, "/v1/environments");
+    assert_eq!(before, after);
+    type_line(&sock, "main", "echo AGAIN-$((4+4))");
+    wait_console(&sock, "main", "AGAIN-8");
+
+    let (status, _) = http(
+        &sock,
+        "DELETE",
+        "/v1/environments/main",
+        None,
+        "application/json",
+    );
+    assert_eq!(status, 409, "feature-x depends on main's layers");
+    for env in ["feature-x", "main"] {
+        let (status, out) = http(
+            &sock,
+            "DELETE",
+            &format!("/v1/environments/{env}"),
+            None,
+            "application/json",
+        );
+        assert_eq!(status, 204, "{}", String::from_utf8_lossy(&out));
+    }
+    let (_, list) = get(&sock, "/v1/environments");
+    assert_eq!(list, json!([]));
+    assert!(vmms_under(&data).is_empty(), "no VMM left");
+    let left: Vec<PathBuf> = files_under(&data)
+        .into_iter()
+        .filter(|p| {
+            !p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("grove.db")
+        })
+        .collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+    daemon.stop();
+    let _ = std::fs::remove_dir_all(&tmp);
+}
