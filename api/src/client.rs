@@ -3,7 +3,8 @@
 //! # Design
 //!
 //! - **One route table.** [`Route`] names every route of the API with its arguments and knows
-//!   its method, path and JSON body; nothing else in this module builds a URL. The typed
+//!   its method, path and body; nothing else in this module builds a URL, and a test
+//!   (`tests/cli_client.rs`) checks it against `api/openapi.yaml`. The typed
 //!   methods of [`Client`] ([`Client::list_environments`], [`Client::create_environment`], ...)
 //!   are one line each: send a route, decode the answer into a [`crate::model`] type.
 //!   [`Client::request`] sends a route and returns the raw body, for callers that pass the
@@ -27,7 +28,9 @@
 //!
 //! Names may contain `/` (`feature/x`): in paths every byte of a name but the unreserved
 //! characters and `/` is percent-encoded ([`encode_name`]), so `feature/x` becomes
-//! `/v1/environments/feature/x`.
+//! `/v1/environments/feature/x`. The daemon picks the route by the longest literal suffix, so
+//! an environment whose last part is an action (`a/pause`) is sent as `a%2Fpause` on the
+//! routes that end with the name.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -54,6 +57,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The longest SSE line an [`EventStream`] buffers (an event is a few hundred bytes).
 const MAX_EVENT_LINE: usize = 1 << 20;
+
+/// The most bytes one console-input request carries (the daemon's limit);
+/// [`Client::console_input`] sends longer input in several requests.
+pub const MAX_CONSOLE_INPUT: usize = 4096;
 
 /// At most this much of a non-JSON error body is kept in [`ClientError::Status`].
 const MAX_ERROR_TEXT: usize = 500;
@@ -153,6 +160,9 @@ impl ClientError {
 
 pub type Result<T> = std::result::Result<T, ClientError>;
 
+/// The actions on an environment, the last part of their paths.
+const ACTIONS: [&str; 5] = ["pause", "resume", "snapshot", "sync", "console"];
+
 /// Every route of the API, with its arguments.
 #[derive(Debug, Clone, Copy)]
 pub enum Route<'a> {
@@ -176,6 +186,11 @@ pub enum Route<'a> {
         offset: u64,
         follow: bool,
     },
+    /// Bytes typed on the console, at most [`MAX_CONSOLE_INPUT`].
+    ConsoleInput {
+        name: &'a str,
+        input: &'a [u8],
+    },
     Events,
     Health,
     Metrics,
@@ -197,7 +212,8 @@ impl Route<'_> {
             | Route::Pause(_)
             | Route::Resume(_)
             | Route::Snapshot(_)
-            | Route::Sync(_) => Method::POST,
+            | Route::Sync(_)
+            | Route::ConsoleInput { .. } => Method::POST,
             Route::DeleteImage(_) | Route::DeleteEnvironment { .. } => Method::DELETE,
         }
     }
@@ -206,15 +222,25 @@ impl Route<'_> {
     pub fn path(&self) -> String {
         let env =
             |name: &str, action: &str| format!("/v1/environments/{}{action}", encode_name(name));
+        // The daemon routes `/v1/environments/a/pause` to the pause of `a`: an environment
+        // named `a/pause` is reached with its last `/` encoded.
+        let bare = |name: &str, query: &str| match name.rsplit_once('/') {
+            Some((head, last)) if ACTIONS.contains(&last) => format!(
+                "/v1/environments/{}%2F{}{query}",
+                encode_name(head),
+                encode_name(last)
+            ),
+            _ => env(name, query),
+        };
         match self {
             Route::ListImages | Route::CreateImage(_) => "/v1/images".to_string(),
             Route::GetImage(name) | Route::DeleteImage(name) => {
                 format!("/v1/images/{}", encode_name(name))
             }
             Route::ListEnvironments | Route::CreateEnvironment(_) => "/v1/environments".to_string(),
-            Route::GetEnvironment(name) => env(name, ""),
+            Route::GetEnvironment(name) => bare(name, ""),
             Route::DeleteEnvironment { name, force } => {
-                env(name, if *force { "?force=true" } else { "" })
+                bare(name, if *force { "?force=true" } else { "" })
             }
             Route::Pause(name) => env(name, "/pause"),
             Route::Resume(name) => env(name, "/resume"),
@@ -228,20 +254,25 @@ impl Route<'_> {
                 let follow = if *follow { "&follow=true" } else { "" };
                 env(name, &format!("/console?offset={offset}{follow}"))
             }
+            Route::ConsoleInput { name, .. } => env(name, "/console"),
             Route::Events => "/v1/events".to_string(),
             Route::Health => "/healthz".to_string(),
             Route::Metrics => "/metrics".to_string(),
         }
     }
 
-    /// The JSON body, for the routes that take one.
-    pub fn body(&self) -> Result<Option<Vec<u8>>> {
-        let body = match self {
+    /// The body and its content type, for the routes that take one.
+    pub fn body(&self) -> Result<Option<(Vec<u8>, &'static str)>> {
+        let json = match self {
             Route::CreateImage(req) => serde_json::to_vec(req),
             Route::CreateEnvironment(req) => serde_json::to_vec(req),
+            Route::ConsoleInput { input, .. } => {
+                return Ok(Some((input.to_vec(), "application/octet-stream")))
+            }
             _ => return Ok(None),
         };
-        body.map(Some).map_err(ClientError::Encode)
+        json.map(|body| Some((body, "application/json")))
+            .map_err(ClientError::Encode)
     }
 }
 
@@ -257,25 +288,6 @@ pub fn encode_name(name: &str) -> String {
         }
     }
     out
-}
-
-/// The daemon's socket when none is given: `$GROVE_SOCKET`, else `/run/grove/groved.sock` for
-/// root, else `$XDG_RUNTIME_DIR/grove/groved.sock` (`/run/user/<uid>/grove/groved.sock` when
-/// `XDG_RUNTIME_DIR` is not set).
-pub fn default_socket_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("GROVE_SOCKET").filter(|p| !p.is_empty()) {
-        return PathBuf::from(path);
-    }
-    // SAFETY: geteuid has no preconditions, touches no memory of ours and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    if uid == 0 {
-        return PathBuf::from("/run/grove/groved.sock");
-    }
-    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(format!("/run/user/{uid}")));
-    runtime.join("grove").join("groved.sock")
 }
 
 #[derive(Debug, Clone)]
@@ -413,6 +425,15 @@ impl Client {
         .await
     }
 
+    /// Types `input` on the console (the guest's serial input), in requests of at most
+    /// [`MAX_CONSOLE_INPUT`] bytes.
+    pub async fn console_input(&self, name: &str, input: &[u8]) -> Result<()> {
+        for input in input.chunks(MAX_CONSOLE_INPUT) {
+            self.request(Route::ConsoleInput { name, input }).await?;
+        }
+        Ok(())
+    }
+
     /// State changes from now on.
     pub async fn events(&self) -> Result<EventStream> {
         Ok(EventStream::new(self.stream(Route::Events).await?))
@@ -498,14 +519,18 @@ impl Client {
         if let Some(auth) = &self.auth {
             builder = builder.header(AUTHORIZATION, auth.clone());
         }
-        if body.is_some() {
-            builder = builder.header(CONTENT_TYPE, "application/json");
-        }
+        let body = match body {
+            Some((body, content_type)) => {
+                builder = builder.header(CONTENT_TYPE, content_type);
+                body
+            }
+            None => Vec::new(),
+        };
         if matches!(route, Route::Events) {
             builder = builder.header(ACCEPT, "text/event-stream");
         }
         let request = builder
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(Bytes::from(body)))
             .map_err(|source| ClientError::Request {
                 path: path.clone(),
                 source,
@@ -827,6 +852,21 @@ mod tests {
             "/v1/environments/main/console?offset=7&follow=true"
         );
         assert_eq!(Route::DeleteImage("x").method(), Method::DELETE);
+        // A name ending like an action is not taken for the action.
+        assert_eq!(
+            Route::GetEnvironment("a/pause").path(),
+            "/v1/environments/a%2Fpause"
+        );
+        assert_eq!(
+            Route::DeleteEnvironment {
+                name: "a/b/sync",
+                force: true
+            }
+            .path(),
+            "/v1/environments/a/b%2Fsync?force=true"
+        );
+        assert_eq!(Route::Sync("a/sync").path(), "/v1/environments/a/sync/sync");
+        assert_eq!(Route::GetImage("a/pause").path(), "/v1/images/a/pause");
     }
 
     #[test]

@@ -565,6 +565,17 @@ impl<B: Backend> Orchestrator<B> {
         ] {
             self.backend.remove(&row.dir.join(f));
         }
+        // Temporary files of the VMM's disk (the next branch's overlay), if it could not
+        // remove them itself.
+        for entry in std::fs::read_dir(&row.dir).into_iter().flatten().flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".disk.qcow2.")
+            {
+                self.backend.remove(&entry.path());
+            }
+        }
         Ok(())
     }
 }

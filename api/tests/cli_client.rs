@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use grove_api::client::{Client, ClientError};
+use grove_api::client::{Client, ClientError, Route, MAX_CONSOLE_INPUT};
 use grove_api::model::{
     BranchTimings, CreateEnvironment, CreateImage, EnvState, Environment, EnvironmentCreated,
     Event, Image, Snapshot,
@@ -238,7 +238,7 @@ fn route(method: &str, path: &str, body: &str) -> Reply {
     let envs = environments();
     let find = |name: &str| envs.iter().find(|e| e.name == name).cloned();
     match (method, path) {
-        ("GET", "/healthz") => reply(200, "text/plain", "ok\n"),
+        ("GET", "/healthz") => reply(200, "application/json", "{\"status\":\"ok\"}"),
         ("GET", "/metrics") => reply(200, "text/plain", "grove_environments 6\n"),
         ("GET", "/v1/events") => events_reply(),
         ("GET", "/v1/images") => json(200, &vec![image("default")]),
@@ -310,7 +310,7 @@ fn environment_route(
     };
     match (method, action) {
         ("GET", "") => json(200, &env),
-        ("DELETE", "") => reply(204, "text/plain", ""),
+        ("DELETE", "") | ("POST", "/console") => reply(204, "text/plain", ""),
         ("POST", "/pause") => {
             env.state = EnvState::Paused;
             json(200, &env)
@@ -539,7 +539,10 @@ async fn client_sends_every_route_and_parses_the_answers() {
         c.console("main", 0).await.ok(),
         Some(Bytes::from("boot\r\nlog "))
     );
-    assert_eq!(c.health().await.ok().as_deref(), Some("ok\n"));
+    assert_eq!(
+        c.health().await.ok().as_deref(),
+        Some("{\"status\":\"ok\"}")
+    );
     assert_eq!(
         c.metrics().await.ok().as_deref(),
         Some("grove_environments 6\n")
@@ -575,6 +578,80 @@ async fn client_sends_every_route_and_parses_the_answers() {
         .all(|r| r.body.is_empty() && r.content_type.is_none()));
 }
 
+/// Every operation in `api/openapi.yaml` has a [`Route`], and every `Route` is in the spec.
+#[test]
+fn routes_match_the_openapi_spec() {
+    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml"))
+        .expect("read openapi.yaml");
+    let mut in_spec = Vec::new();
+    let mut path = "";
+    for line in spec.lines() {
+        if let Some(p) = line.strip_prefix("  /").and_then(|p| p.strip_suffix(':')) {
+            path = p;
+        } else if let Some(method) = line.strip_prefix("    ").and_then(|m| m.strip_suffix(':')) {
+            if ["get", "post", "put", "patch", "delete"].contains(&method) {
+                in_spec.push(format!("{} /{path}", method.to_uppercase()));
+            }
+        }
+    }
+    let image = image("i");
+    let create_image = CreateImage {
+        name: "i".into(),
+        kernel: Some(image.kernel),
+        rootfs: Some(image.rootfs),
+        initrd: None,
+        build: None,
+    };
+    let create_env = CreateEnvironment {
+        name: "e".into(),
+        image: Some("i".into()),
+        from: None,
+        vcpus: None,
+        memory_mib: None,
+    };
+    let n = "{name}";
+    let routes = [
+        Route::Health,
+        Route::Metrics,
+        Route::Events,
+        Route::ListImages,
+        Route::CreateImage(&create_image),
+        Route::GetImage(n),
+        Route::DeleteImage(n),
+        Route::ListEnvironments,
+        Route::CreateEnvironment(&create_env),
+        Route::GetEnvironment(n),
+        Route::DeleteEnvironment {
+            name: n,
+            force: false,
+        },
+        Route::Pause(n),
+        Route::Resume(n),
+        Route::Snapshot(n),
+        Route::Sync(n),
+        Route::Console {
+            name: n,
+            offset: 0,
+            follow: false,
+        },
+        Route::ConsoleInput {
+            name: n,
+            input: b"",
+        },
+    ];
+    let mut in_client: Vec<String> = routes
+        .iter()
+        .map(|r| {
+            let path = r.path().replace("%7Bname%7D", "{name}");
+            let path = path.split('?').next().unwrap_or_default().to_string();
+            format!("{} {path}", r.method())
+        })
+        .collect();
+    in_spec.sort();
+    in_client.sort();
+    assert_eq!(in_client, in_spec);
+}
+
 #[tokio::test]
 async fn client_percent_encodes_names_but_not_slashes() {
     let fake = Fake::start().await;
@@ -582,12 +659,15 @@ async fn client_percent_encodes_names_but_not_slashes() {
     let _ = c.get_environment("we ird#1?%/ü").await;
     let _ = c.pause("feature/x").await;
     let _ = c.delete_image("a+b").await;
+    // The daemon would take `a/pause` for the pause of `a`: its last `/` is encoded.
+    let _ = c.get_environment("a/pause").await;
     assert_eq!(
         fake.paths(),
         [
             "GET /v1/environments/we%20ird%231%3F%25/%C3%BC",
             "POST /v1/environments/feature/x/pause",
             "DELETE /v1/images/a%2Bb",
+            "GET /v1/environments/a%2Fpause",
         ]
     );
 }
@@ -747,6 +827,10 @@ async fn grove_json_prints_the_apis_json() {
     let created: EnvironmentCreated = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(created.branch, Some(timings()));
 
+    let out = fake.grove(&["--json", "health"]).await;
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "{\n  \"status\": \"ok\"\n}\n");
+
     let out = fake.grove(&["--json", "rm", "hotfix"]).await;
     assert_ok(&out);
     assert!(out.stdout.is_empty());
@@ -852,6 +936,52 @@ async fn grove_sends_what_the_command_says() {
 }
 
 #[tokio::test]
+async fn console_input_goes_in_pieces_the_daemon_accepts() {
+    let fake = Fake::start().await;
+    let input = vec![b'x'; MAX_CONSOLE_INPUT + 10];
+    fake.client()
+        .console_input("feature/x", &input)
+        .await
+        .expect("typed");
+    let sent = fake.requests();
+    assert_eq!(sent.len(), 2);
+    for r in &sent {
+        assert_eq!(r.path, "/v1/environments/feature/x/console");
+        assert_eq!(r.content_type.as_deref(), Some("application/octet-stream"));
+    }
+    assert_eq!(
+        (sent[0].body.len(), sent[1].body.len()),
+        (MAX_CONSOLE_INPUT, 10)
+    );
+
+    // `grove type NAME TEXT...`: the words, a space apart, and a newline.
+    assert_ok(&fake.grove(&["type", "main", "echo", "hi"]).await);
+    assert_eq!(fake.last().body, "echo hi\n");
+    assert_ok(&fake.grove(&["type", "-n", "main", "q"]).await);
+    assert_eq!(fake.last().body, "q");
+
+    // Without TEXT: standard input, as it is.
+    let socket = fake.socket.to_str().expect("UTF-8");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_grove"))
+        .args(["--socket", socket, "type", "main"])
+        .stdin(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run grove");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, b"ls /\r\n")
+        .await
+        .expect("write stdin");
+    drop(stdin);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("in time")
+        .expect("grove ran");
+    assert!(status.success());
+    assert_eq!(fake.last().body, "ls /\r\n");
+}
+
+#[tokio::test]
 async fn grove_image_build_shows_progress_on_stderr() {
     let fake = Fake::start().await;
     let out = fake.grove(&["image", "build", "default"]).await;
@@ -862,7 +992,7 @@ async fn grove_image_build_shows_progress_on_stderr() {
     );
     // stderr is a pipe here: the plain form, no terminal escapes.
     let err = stderr(&out);
-    assert!(err.starts_with("building image default "), "{err:?}");
+    assert!(err.starts_with("building image default"), "{err:?}");
     assert!(err.ends_with("s\n") && !err.contains('\x1b'), "{err:?}");
     let sent: CreateImage = serde_json::from_str(&fake.last().body).expect("JSON");
     assert_eq!(sent.build.as_deref(), Some("default"));

@@ -166,6 +166,20 @@ fn vmms_under(data: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// Kills the VMMs under the data directory and removes it, also when the test fails (the
+/// VMMs run in their own process groups and would outlive it).
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for pid in vmms_under(&self.0) {
+            // SAFETY: kill takes a pid and a signal number; nothing is borrowed.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut todo = vec![dir.to_path_buf()];
@@ -194,6 +208,7 @@ fn main_branch_sync_restart_and_delete() {
     let tmp = std::env::temp_dir().join(format!("grove-e2e-api-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
+    let _cleanup = Cleanup(tmp.clone());
     let data = tmp.join("data");
     let sock = tmp.join("groved.sock");
     let daemon = Daemon::start(&data, &sock);
@@ -301,5 +316,4 @@ fn main_branch_sync_restart_and_delete() {
         .collect();
     assert!(left.is_empty(), "files left behind: {left:?}");
     daemon.stop();
-    let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -221,6 +221,9 @@ fn launch(parts: Launch, control: Option<&Path>, paused: bool) -> Result<Vmm, Bu
             start.elapsed().as_secs_f64() * 1000.0
         );
     }
+    // The first snapshot's disk branch then only renames (after the VM is running, so
+    // start and restore latency do not pay for it).
+    vmm.shared().prepare_disk_spares_in_background();
     Ok(vmm)
 }
 

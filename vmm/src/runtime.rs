@@ -12,7 +12,9 @@ use crate::control::protocol::{
     StatusInfo, VmRunState,
 };
 use crate::control::ControlHandler;
-use crate::device_manager::{branch_disks, flush_disks, save_devices, Devices};
+use crate::device_manager::{
+    branch_disks, flush_disks, prepare_disk_spares, save_devices, Devices,
+};
 use crate::devices::legacy::BootTimer;
 use crate::event_loop::EventLoop;
 use crate::exit::{ExitNotifier, VmExit};
@@ -255,6 +257,10 @@ impl VmmShared {
             pause = paused_at.elapsed();
         }
         let written = result?;
+        // The next branch's overlays, now that the VM runs again.
+        if !written.frozen_layers.is_empty() {
+            prepare_disk_spares(&self.devices);
+        }
         Ok(SnapshotInfo {
             dir: req.dir.clone(),
             kind: req.kind,
@@ -298,7 +304,7 @@ impl VmmShared {
         flush_disks(&self.devices).map_err(VmmError::Flush)?;
         // The disks as they are now become frozen layers the snapshot records.
         let branch_start = Instant::now();
-        let frozen_layers = branch_disks(&self.devices, dir).map_err(VmmError::Branch)?;
+        let frozen_layers = branch_disks(&self.devices).map_err(VmmError::Branch)?;
         let disk_branch = branch_start.elapsed();
         let devices = save_devices(&self.devices);
         let vcpus = {
@@ -348,6 +354,27 @@ impl VmmShared {
             frozen_layers,
             disk_branch,
         })
+    }
+
+    /// Prepares the disks' next branch overlays on a short-lived thread.
+    pub(crate) fn prepare_disk_spares_in_background(self: &Arc<Self>) {
+        if !self.devices.blocks.iter().any(|b| {
+            let b = lock(b);
+            !b.is_read_only() && b.image().format() == crate::disk::DiskFormat::Qcow2
+        }) {
+            return;
+        }
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("disk-spares".into())
+            .spawn(move || {
+                // Under the lifecycle lock, so no snapshot branches meanwhile.
+                let _op = lock(&me.lifecycle);
+                prepare_disk_spares(&me.devices);
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot prepare the disks' next branch: {e}");
+        }
     }
 
     fn status(&self) -> StatusInfo {

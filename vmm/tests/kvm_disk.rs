@@ -226,7 +226,7 @@ fn a_snapshot_branches_the_disk_and_every_restore_gets_its_own_overlay() {
     wait_change(&source);
     let snap = dir.join("snap1");
     let info = snapshot(&source, &snap);
-    let frozen = dir.join("vm@snap1.qcow2");
+    let frozen = dir.join("vm@1.qcow2");
     assert_eq!(info.frozen_layers, vec![frozen.clone()]);
     let chain = |s: &[DiskStatus]| s[0].chain.clone();
     assert_eq!(
@@ -341,6 +341,7 @@ fn compaction_respects_snapshots_and_a_running_vm_picks_it_up_at_its_next_branch
     let vm = counter_guest(vec![qcow2_disk(&active)]);
     wait_change(&vm);
     let f1 = snapshot(&vm, &dir.join("s1")).frozen_layers[0].clone();
+    assert_eq!(f1, dir.join("vm@1.qcow2"));
     let f2 = snapshot(&vm, &dir.join("s2")).frozen_layers[0].clone();
     assert_eq!(disks(&vm)[0].chain.len(), 4);
     let want = dir.join("want.raw");
@@ -369,17 +370,9 @@ fn compaction_respects_snapshots_and_a_running_vm_picks_it_up_at_its_next_branch
 
     // The running VM still reads the old layers; its next branch reopens the short chain.
     wait_change(&vm);
-    snapshot(&vm, &dir.join("s3"));
+    let f3 = snapshot(&vm, &dir.join("s3")).frozen_layers[0].clone();
     let chain: Vec<PathBuf> = disks(&vm)[0].chain.iter().map(|l| l.path.clone()).collect();
-    assert_eq!(
-        chain,
-        vec![
-            active.clone(),
-            dir.join("vm@s3.qcow2"),
-            f2.clone(),
-            base.clone()
-        ]
-    );
+    assert_eq!(chain, vec![active.clone(), f3, f2.clone(), base.clone()]);
     // s2 still restores onto the compacted f2.
     let clone = restore_with(&dir.join("s2"), Vec::new());
     let clone_overlay = disks(&clone)[0].chain[0].path.clone();

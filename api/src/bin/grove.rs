@@ -11,22 +11,23 @@
 //! could not be reached or understood. A closed stdout (`grove ls | head -1`) ends quietly.
 
 use std::future::Future;
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use grove_api::client::{default_socket_path, Client, ClientError, Route};
+use grove_api::client::{Client, ClientError, Route};
 use grove_api::model::{
     BranchTimings, CreateEnvironment, CreateImage, EnvState, Environment, Event, Image,
 };
 
 const AFTER_HELP: &str = "\
-The daemon is reached on --socket, else $GROVE_SOCKET, else /run/grove/groved.sock (root) or
-$XDG_RUNTIME_DIR/grove/groved.sock; or over TCP with --url, with the token from --token or
-$GROVE_TOKEN (prefer the variable: arguments are visible to other users).
+The daemon is reached on --socket, else on groved's default socket ($GROVE_SOCKET, else
+/run/grove/groved.sock for root, else $XDG_RUNTIME_DIR/grove/groved.sock); or over TCP with
+--url, the token from --token or $GROVE_TOKEN (prefer the variable: arguments are visible to
+other users).
 
 Exit codes:
   0  success
@@ -108,6 +109,15 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Type on an environment's console: TEXT and a newline, or all of standard input.
+    Type {
+        name: String,
+        /// Words to type, joined by spaces (default: read standard input to its end).
+        text: Vec<String>,
+        /// Do not add a newline after TEXT.
+        #[arg(long, short = 'n')]
+        no_newline: bool,
+    },
     /// Print state changes as they happen, one line each.
     Events,
     /// Check that the daemon answers.
@@ -171,7 +181,9 @@ fn client(cli: &Cli) -> anyhow::Result<Client> {
             Ok(Client::tcp(url, token.as_deref())?)
         }
         None => Ok(Client::unix(
-            cli.socket.clone().unwrap_or_else(default_socket_path),
+            cli.socket
+                .clone()
+                .unwrap_or_else(grove_api::paths::default_socket),
         )),
     }
 }
@@ -300,14 +312,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out(&text)
         }
         Command::Console { name, follow } => console(&client, &name, follow).await,
+        Command::Type {
+            name,
+            text,
+            no_newline,
+        } => {
+            let input = if text.is_empty() {
+                let mut input = Vec::new();
+                io::stdin().lock().read_to_end(&mut input)?;
+                input
+            } else {
+                let newline = if no_newline { "" } else { "\n" };
+                format!("{}{newline}", text.join(" ")).into_bytes()
+            };
+            Ok(client.console_input(&name, &input).await?)
+        }
         Command::Events => events(&client, json).await,
         Command::Health => {
             let body = client.health().await?;
             if json && serde_json::from_str::<serde::de::IgnoredAny>(&body).is_ok() {
                 return print_json(body.as_bytes());
             }
-            let body = body.trim();
-            out(&format!("{}\n", if body.is_empty() { "ok" } else { body }))
+            // `{"status": "ok"}` prints as `ok`; any other body as it came.
+            let status = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("status")?.as_str().map(str::to_string));
+            let text = status.unwrap_or_else(|| body.trim().to_string());
+            out(&format!("{}\n", if text.is_empty() { "ok" } else { &text }))
         }
         Command::Metrics => out(&client.metrics().await?),
     }
@@ -359,7 +390,8 @@ async fn events(client: &Client, json: bool) -> anyhow::Result<()> {
 }
 
 /// Runs `request` while showing that it runs: a spinner with the elapsed seconds when stderr
-/// is a terminal (erased at the end), else the label and a dot every few seconds.
+/// is a terminal (erased at the end), else the label, a dot every two seconds and the time taken
+/// (`building image default..... 10s`).
 async fn with_progress<F: Future>(label: &str, request: F) -> F::Output {
     const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
     // Progress is cosmetic: failing to write it must not fail the command.
@@ -378,7 +410,7 @@ async fn with_progress<F: Future>(label: &str, request: F) -> F::Output {
     };
     let mut ticks = tokio::time::interval_at(first, period);
     if !tty {
-        let _ = write!(stderr, "{label} ");
+        let _ = write!(stderr, "{label}");
     }
     tokio::pin!(request);
     let mut frame = 0usize;

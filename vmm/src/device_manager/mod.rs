@@ -28,8 +28,8 @@ use crate::vstate::vm::{Vm, VmError};
 mod persist;
 
 pub use persist::{
-    branch_disks, flush_disks, reassert_interrupts, save_devices, DevicesRestoreError,
-    DevicesState, VirtioDeviceState, VirtioKindState,
+    branch_disks, flush_disks, prepare_disk_spares, reassert_interrupts, save_devices,
+    DevicesRestoreError, DevicesState, VirtioDeviceState, VirtioKindState,
 };
 
 /// A subscriber of the VMM's event loop.

@@ -144,15 +144,11 @@ pub fn flush_disks(devices: &Devices) -> io::Result<()> {
     result
 }
 
-/// Branches every writable qcow2 disk for the snapshot at `snapshot` (see
-/// [`crate::disk::branch`]): each active layer becomes a frozen layer named after the
-/// snapshot, and the VM continues on a new empty overlay. Call with the VM paused and the
-/// disks flushed. Stops at the first failure; disks branched before it stay branched (their
-/// data is the same either way).
-pub fn branch_disks(
-    devices: &Devices,
-    snapshot: &std::path::Path,
-) -> Result<Vec<PathBuf>, crate::disk::DiskError> {
+/// Branches every writable qcow2 disk (see [`crate::disk::branch`]): each active layer
+/// becomes a frozen layer and the VM continues on a new empty overlay. Call with the VM
+/// paused and the disks flushed. Stops at the first failure; disks branched before it stay
+/// branched (their data is the same either way).
+pub fn branch_disks(devices: &Devices) -> Result<Vec<PathBuf>, crate::disk::DiskError> {
     let mut frozen_layers = Vec::new();
     for block in &devices.blocks {
         let mut block = lock(block);
@@ -160,10 +156,24 @@ pub fn branch_disks(
         if image.read_only() || image.format() != crate::disk::DiskFormat::Qcow2 {
             continue;
         }
-        let frozen = crate::disk::branch::frozen_layer_path(image.path(), snapshot);
-        frozen_layers.push(block.branch(&frozen)?.path);
+        frozen_layers.push(block.branch()?.path);
     }
     Ok(frozen_layers)
+}
+
+/// Prepares each writable qcow2 disk's next branch (an overlay created and synced now, so
+/// the next snapshot's pause only renames it). Failures are logged: the next branch then
+/// makes its overlay itself.
+pub fn prepare_disk_spares(devices: &Devices) {
+    for block in &devices.blocks {
+        let mut block = lock(block);
+        if let Err(e) = block.prepare_spare() {
+            log::warn!(
+                "cannot prepare the next branch of {}: {e}",
+                block.path().display()
+            );
+        }
+    }
 }
 
 /// Injects again every interrupt a device has pending (a virtio InterruptStatus the driver

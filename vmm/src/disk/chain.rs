@@ -16,7 +16,8 @@ use imago::{
 
 use super::qcow2_check::{self, Qcow2Header};
 use super::{
-    DiskError, DiskFormat, DiskImage, ImagoFile, Layer, LayerRecord, Top, MAX_CHAIN_DEPTH_LIMIT,
+    DiskError, DiskFormat, DiskImage, ImagoFile, Layer, LayerRecord, OpenBelow, Top,
+    MAX_CHAIN_DEPTH_LIMIT,
 };
 
 /// What to open and what to allow.
@@ -58,6 +59,8 @@ pub(crate) struct OpenedLayer {
     /// Virtual size (the file size for raw).
     pub(crate) size: u64,
     pub(crate) header: Option<Qcow2Header>,
+    /// Device and inode.
+    pub(crate) id: (u64, u64),
 }
 
 /// Opens `path` for reading (and writing), taking an advisory lock that lives as long as the
@@ -106,7 +109,18 @@ fn file_size(file: &File, path: &Path) -> Result<u64, DiskError> {
 
 /// Opens and checks one layer.
 fn open_layer(record: LayerRecord, writable: bool) -> Result<OpenedLayer, DiskError> {
+    open_layer_with(record, writable, true)
+}
+
+/// Opens one layer; `check` runs the qcow2 metadata checks (skipped only for a layer this
+/// process wrote itself, such as the active layer it just froze).
+pub(crate) fn open_layer_with(
+    record: LayerRecord,
+    writable: bool,
+    check: bool,
+) -> Result<OpenedLayer, DiskError> {
     let file = open_locked(&record.path, writable)?;
+    let id = identity(&file, &record.path)?;
     let (size, header) = match record.format {
         DiskFormat::Raw => {
             let size = file_size(&file, &record.path)?;
@@ -124,7 +138,9 @@ fn open_layer(record: LayerRecord, writable: bool) -> Result<OpenedLayer, DiskEr
                 source,
             };
             let header = qcow2_check::read_header(&file).map_err(corrupt)?;
-            qcow2_check::check_metadata(&file, &header).map_err(corrupt)?;
+            if check {
+                qcow2_check::check_metadata(&file, &header).map_err(corrupt)?;
+            }
             (header.size, Some(header))
         }
     };
@@ -133,6 +149,7 @@ fn open_layer(record: LayerRecord, writable: bool) -> Result<OpenedLayer, DiskEr
         file,
         size,
         header,
+        id,
     })
 }
 
@@ -158,7 +175,7 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-fn identity(file: &File, path: &Path) -> Result<(u64, u64), DiskError> {
+pub(crate) fn identity(file: &File, path: &Path) -> Result<(u64, u64), DiskError> {
     let meta = file.metadata().map_err(|source| DiskError::Io {
         action: "stat",
         path: path.to_path_buf(),
@@ -311,14 +328,23 @@ pub fn open(opts: &OpenOptions) -> Result<DiskImage, DiskError> {
         path: opts.path.clone(),
         source,
     })?;
+    let mut open_below = Vec::new();
     let top = match opts.format {
         DiskFormat::Raw => Top::Raw(layers.remove(0).file),
         DiskFormat::Qcow2 => {
             let mut below: Option<Layer> = None;
             while layers.len() > 1 {
                 let Some(layer) = layers.pop() else { break };
-                below = Some(Arc::new(imago_layer(layer, false, below)?));
+                let (record, id) = (layer.record.clone(), layer.id);
+                let access: Layer = Arc::new(imago_layer(layer, false, below)?);
+                open_below.push(OpenBelow {
+                    record,
+                    id,
+                    access: access.clone(),
+                });
+                below = Some(access);
             }
+            open_below.reverse();
             let top = layers.remove(0);
             Top::Qcow2(imago_layer(top, !opts.read_only, below)?)
         }
@@ -331,6 +357,8 @@ pub fn open(opts: &OpenOptions) -> Result<DiskImage, DiskError> {
         chain,
         allow_backing: opts.allow_backing,
         max_depth: opts.max_depth,
+        below: open_below,
+        spare: None,
     })
 }
 
@@ -392,7 +420,7 @@ pub fn create_overlay(
     let name = backing
         .map(|b| backing_name(path, &b.path).map(|n| (n, b.format)))
         .transpose()?;
-    create_qcow2(path, name, size)?;
+    create_qcow2(path, name, size, true)?;
     Ok(LayerRecord {
         path: path.to_path_buf(),
         format: DiskFormat::Qcow2,
@@ -400,10 +428,13 @@ pub fn create_overlay(
 }
 
 /// Creates a qcow2 image whose header names `backing` (file name as written, format).
+/// `durable_name`: also sync the directory, so the new name survives a crash (a caller that
+/// renames the file afterwards syncs the directory itself).
 pub(crate) fn create_qcow2(
     path: &Path,
     backing: Option<(String, DiskFormat)>,
     size: u64,
+    durable_name: bool,
 ) -> Result<(), DiskError> {
     if !size.is_multiple_of(512) {
         return Err(DiskError::UnalignedSize {
@@ -448,7 +479,10 @@ pub(crate) fn create_qcow2(
             source,
         });
     }
-    sync_dir(path.parent().unwrap_or_else(|| Path::new(".")))
+    if durable_name {
+        sync_dir(path.parent().unwrap_or_else(|| Path::new(".")))?;
+    }
+    Ok(())
 }
 
 /// Virtual size of an image in the given format (file size for raw).

@@ -202,7 +202,7 @@ pub fn compact(top: &Path, scan: &[PathBuf]) -> Result<CompactReport, DiskError>
         .as_ref()
         .map(|b| backing_name(&tmp, &b.path).map(|n| (n, b.format)))
         .transpose()?;
-    create_qcow2(&tmp, name, size)?;
+    create_qcow2(&tmp, name, size, false)?;
     let result = (|| {
         let new_layer = chain::open_layer_for_write(&tmp)?;
         let dest = imago_layer(new_layer, true, bottom_layer.clone())?;

@@ -225,6 +225,27 @@ pub struct DiskImage {
     /// Whether backing files named by the images may be followed.
     allow_backing: bool,
     max_depth: usize,
+    /// The open layers below the active one, top first (qcow2 only).
+    below: Vec<OpenBelow>,
+    /// A synced, empty overlay waiting for the next branch: (its temporary path, the frozen
+    /// layer name its header names as backing file).
+    spare: Option<(PathBuf, PathBuf)>,
+}
+
+/// A layer below the active one, open for reading.
+pub(crate) struct OpenBelow {
+    pub(crate) record: LayerRecord,
+    /// Device and inode when it was opened.
+    pub(crate) id: (u64, u64),
+    pub(crate) access: Layer,
+}
+
+impl Drop for DiskImage {
+    fn drop(&mut self) {
+        if let Some((tmp, _)) = self.spare.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
 }
 
 impl fmt::Debug for DiskImage {

@@ -275,13 +275,13 @@ fn backing_loops_are_refused() {
     let d = Dir::new("loop");
     let a = d.join("a.qcow2");
     let b = d.join("b.qcow2");
-    chain::create_qcow2(&a, Some(("b.qcow2".into(), DiskFormat::Qcow2)), MIB).unwrap();
-    chain::create_qcow2(&b, Some(("a.qcow2".into(), DiskFormat::Qcow2)), MIB).unwrap();
+    chain::create_qcow2(&a, Some(("b.qcow2".into(), DiskFormat::Qcow2)), MIB, true).unwrap();
+    chain::create_qcow2(&b, Some(("a.qcow2".into(), DiskFormat::Qcow2)), MIB, true).unwrap();
     let e = open(&qcow2_opts(&a, true)).unwrap_err();
     assert!(matches!(e, DiskError::BackingLoop { .. }), "{e}");
     // Itself as its own backing file.
     let c = d.join("c.qcow2");
-    chain::create_qcow2(&c, Some(("c.qcow2".into(), DiskFormat::Qcow2)), MIB).unwrap();
+    chain::create_qcow2(&c, Some(("c.qcow2".into(), DiskFormat::Qcow2)), MIB, true).unwrap();
     let e = open(&qcow2_opts(&c, true)).unwrap_err();
     assert!(matches!(e, DiskError::BackingLoop { .. }), "{e}");
 }
@@ -318,9 +318,9 @@ fn a_branch_freezes_the_active_layer_and_continues_on_an_empty_overlay() {
     image.write_at(&[0xaa; 4096], 8192).unwrap();
     expected[8192..8192 + 4096].fill(0xaa);
 
-    let frozen = branch::frozen_layer_path(&active, Path::new("/snapshots/snap1"));
-    assert_eq!(frozen, d.join("vm@snap1.qcow2"));
-    let layer = image.branch(&frozen).unwrap();
+    // The first branch makes its overlay itself (no spare yet).
+    let layer = image.branch().unwrap();
+    let frozen = d.join("vm@1.qcow2");
     assert_eq!(layer, qcow2(&frozen));
     assert_eq!(image.chain(), &[qcow2(&active), qcow2(&frozen), raw(&base)]);
     assert_eq!(
@@ -356,29 +356,38 @@ fn a_branch_freezes_the_active_layer_and_continues_on_an_empty_overlay() {
     let e = open(&opts).unwrap_err();
     assert!(matches!(e, DiskError::BackingMismatch { .. }), "{e}");
 
-    // A second branch with the same snapshot name gets a fresh name.
+    // With a spare prepared, the next branch uses it: the next free name.
     let mut image = open(&qcow2_opts(&active, false)).unwrap();
-    let again = branch::frozen_layer_path(&active, Path::new("snap1"));
-    assert_eq!(again, d.join("vm@snap1.1.qcow2"));
-    image.branch(&again).unwrap();
+    image.prepare_spare().unwrap();
+    let spare = image.spare.clone().unwrap();
+    assert_eq!(spare.1, d.join("vm@2.qcow2"));
+    assert!(spare.0.exists());
+    let layer = image.branch().unwrap();
+    assert_eq!(layer, qcow2(&d.join("vm@2.qcow2")));
+    assert!(!spare.0.exists(), "the spare became the active layer");
     assert_eq!(image.chain().len(), 4);
+    assert_eq!(read_all(&image)[8192], 0xbb);
+    // A spare whose name was taken meanwhile is dropped and the branch picks another name.
+    image.prepare_spare().unwrap();
+    let taken = image.spare.clone().unwrap().1;
+    fs::write(&taken, b"someone else's").unwrap();
+    let layer = image.branch().unwrap();
+    assert_ne!(layer.path, taken);
+    assert_eq!(fs::read(&taken).unwrap(), b"someone else's");
+    assert_eq!(image.chain().len(), 5);
     // Branching past the depth limit fails and leaves the disk as it was.
-    image.max_depth = 4;
+    image.prepare_spare().unwrap();
+    image.max_depth = 5;
     let before = image.chain().to_vec();
-    let e = image.branch(&d.join("vm@snap2.qcow2")).unwrap_err();
-    assert!(matches!(e, DiskError::TooDeep { depth: 5, .. }), "{e}");
+    let e = image.branch().unwrap_err();
+    assert!(matches!(e, DiskError::TooDeep { depth: 6, .. }), "{e}");
     assert_eq!(image.chain(), before.as_slice());
-    assert!(!d.join("vm@snap2.qcow2").exists());
-    // An existing name is never replaced.
     image.max_depth = 16;
-    let e = image.branch(&frozen).unwrap_err();
-    assert!(matches!(e, DiskError::Exists { .. }), "{e}");
-    assert_eq!(image.chain(), before.as_slice());
     image.write_at(&[1; 512], 0).unwrap();
     image.flush().unwrap();
     drop(image);
     check_clean(&active);
-    // No temporary files are left behind.
+    // No temporary files are left behind (dropping the image removed its spare).
     let stray: Vec<_> = fs::read_dir(&d.0)
         .unwrap()
         .filter_map(|e| e.ok())
@@ -393,7 +402,7 @@ fn raw_and_read_only_disks_are_not_branched() {
     let base = d.join("base.raw");
     raw_base(&base, MIB);
     let mut image = open(&OpenOptions::new(&base, DiskFormat::Raw, false)).unwrap();
-    let e = image.branch(&d.join("x.qcow2")).unwrap_err();
+    let e = image.branch().unwrap_err();
     assert!(
         matches!(e, DiskError::NotBranchable { what: "raw", .. }),
         "{e}"
@@ -402,7 +411,7 @@ fn raw_and_read_only_disks_are_not_branched() {
     let top = d.join("top.qcow2");
     create_overlay(&top, Some(&raw(&base)), MIB).unwrap();
     let mut image = open(&qcow2_opts(&top, true)).unwrap();
-    let e = image.branch(&d.join("x.qcow2")).unwrap_err();
+    let e = image.branch().unwrap_err();
     assert!(
         matches!(
             e,

@@ -120,8 +120,13 @@ impl Block {
     }
 
     /// Branches the disk at a snapshot (see [`DiskImage::branch`]); call with the VM paused.
-    pub fn branch(&mut self, frozen: &Path) -> Result<LayerRecord, DiskError> {
-        self.disk.branch(frozen)
+    pub fn branch(&mut self) -> Result<LayerRecord, DiskError> {
+        self.disk.branch()
+    }
+
+    /// Prepares the next branch's overlay, outside the snapshot pause.
+    pub fn prepare_spare(&mut self) -> Result<(), DiskError> {
+        self.disk.prepare_spare()
     }
 
     pub fn is_read_only(&self) -> bool {

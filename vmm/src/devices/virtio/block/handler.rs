@@ -123,6 +123,11 @@ impl Disk {
         self.fresh_on.as_ref()
     }
 
+    /// Prepares the next branch's overlay (see [`DiskImage::prepare_spare`]).
+    pub fn prepare_spare(&mut self) -> Result<(), crate::disk::DiskError> {
+        self.image.prepare_spare()
+    }
+
     /// Makes every completed write durable (data and metadata).
     pub fn flush(&self) -> io::Result<()> {
         self.image.flush()
@@ -130,11 +135,8 @@ impl Disk {
 
     /// Freezes the active layer as `frozen` and continues on a new overlay (see
     /// [`DiskImage::branch`]). Call with the queue stopped.
-    pub fn branch(
-        &mut self,
-        frozen: &std::path::Path,
-    ) -> Result<LayerRecord, crate::disk::DiskError> {
-        let layer = self.image.branch(frozen)?;
+    pub fn branch(&mut self) -> Result<LayerRecord, crate::disk::DiskError> {
+        let layer = self.image.branch()?;
         self.fresh_on = Some(layer.clone());
         Ok(layer)
     }
