@@ -58,22 +58,69 @@ pub fn grove_vmm_bin() -> PathBuf {
 
 /// Builds `grove-vmm` in release mode through the cargo running us, and returns its path.
 pub fn build_release_vmm() -> anyhow::Result<PathBuf> {
+    Ok(build_release_bins(&[("vmm", "grove-vmm")])?.join("grove-vmm"))
+}
+
+/// Builds binaries (`(package, binary)`) in release mode through the cargo running us, and
+/// returns the directory they are in (the one this executable is in).
+pub fn build_release_bins(bins: &[(&str, &str)]) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "vmm",
-            "--bin",
-            "grove-vmm",
-        ])
-        .status()?;
-    anyhow::ensure!(status.success(), "cargo build -p vmm failed");
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "--release"]);
+    for (package, bin) in bins {
+        cmd.args(["-p", package, "--bin", bin]);
+    }
+    let status = cmd.status()?;
+    anyhow::ensure!(status.success(), "cargo build of {bins:?} failed");
     let exe = std::env::current_exe()?;
     let dir = exe.parent().ok_or_else(|| anyhow::anyhow!("no exe dir"))?;
-    Ok(dir.join("grove-vmm"))
+    Ok(dir.to_path_buf())
+}
+
+const HOST_PACKAGES: &str = include_str!("../../images/host-packages.txt");
+
+fn missing_host_packages() -> Vec<&'static str> {
+    HOST_PACKAGES
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter(|pkg| {
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", pkg])
+                .output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+/// Installs the Debian packages of `images/host-packages.txt` that are missing, when run as
+/// root; otherwise fails saying which to install. `tool` prefixes the progress line.
+pub fn ensure_host_packages(tool: &str) -> anyhow::Result<()> {
+    let missing = missing_host_packages();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if !is_root {
+        anyhow::bail!(
+            "missing host packages: {}; install them with: sudo apt-get install -y {}",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("{tool}: installing host packages: {}", missing.join(" "));
+    let ok = Command::new("apt-get").arg("update").status()?.success()
+        && Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .status()?
+            .success();
+    anyhow::ensure!(ok, "apt-get could not install: {}", missing.join(" "));
+    Ok(())
 }
 
 /// A directory removed when dropped.

@@ -7,59 +7,11 @@
 
 use std::process::Command;
 
-use anyhow::{bail, Context};
-use grove_integration::{build_release_vmm, sparse_copy};
-
-const PACKAGES: &str = include_str!("../../../images/host-packages.txt");
-
-fn missing_packages() -> Vec<&'static str> {
-    PACKAGES
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter(|pkg| {
-            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]).output();
-            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
-        .collect()
-}
-
-fn ensure_packages() -> anyhow::Result<()> {
-    let missing = missing_packages();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    // Root can install; everyone else is told how.
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    if !is_root {
-        bail!(
-            "missing host packages: {}; install them with: sudo apt-get install -y {}",
-            missing.join(" "),
-            missing.join(" ")
-        );
-    }
-    eprintln!(
-        "boot-default: installing host packages: {}",
-        missing.join(" ")
-    );
-    let ok = Command::new("apt-get").arg("update").status()?.success()
-        && Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .status()?
-            .success();
-    if !ok {
-        bail!("apt-get could not install: {}", missing.join(" "));
-    }
-    Ok(())
-}
+use anyhow::Context;
+use grove_integration::{build_release_vmm, ensure_host_packages, sparse_copy};
 
 fn main() -> anyhow::Result<()> {
-    ensure_packages()?;
+    ensure_host_packages("boot-default")?;
     let cache = grove_images::default_cache_dir()?;
     let images = grove_images::build_default(&cache).context("building the default images")?;
     let vmm = build_release_vmm()?;
