@@ -246,6 +246,41 @@ fn main_branch_sync_restart_and_delete() {
     eprintln!("branch timings: {}", body["branch"]);
     assert!(body["branch"]["parent_pause_ms"].as_f64().is_some());
 
+    // Two more branches of main requested at once: both succeed, each from its own snapshot.
+    let branches: Vec<_> = ["feature-y", "feature-z"]
+        .into_iter()
+        .map(|name| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                json_req(
+                    &sock,
+                    "POST",
+                    "/v1/environments",
+                    json!({"name": name, "from": "main"}),
+                )
+            })
+        })
+        .collect();
+    let mut snapshots = Vec::new();
+    for b in branches {
+        let (status, body) = b.join().unwrap();
+        assert_eq!(status, 201, "{body}");
+        snapshots.push(body["environment"]["snapshot"].clone());
+    }
+    assert_ne!(snapshots[0], snapshots[1]);
+    for name in ["feature-y", "feature-z"] {
+        type_line(&sock, name, &format!("echo {name}-SEES-$(cat /data.txt)"));
+        wait_console(&sock, name, &format!("{name}-SEES-main-data-1"));
+        let (status, out) = http(
+            &sock,
+            "DELETE",
+            &format!("/v1/environments/{name}"),
+            None,
+            "application/json",
+        );
+        assert_eq!(status, 204, "{}", String::from_utf8_lossy(&out));
+    }
+
     type_line(&sock, "feature-x", "echo FX-$(cat /data.txt)");
     wait_console(&sock, "feature-x", "FX-main-data-1");
     type_line(
