@@ -1,4 +1,5 @@
-//! 10,000 malformed requests over the Unix socket: random bytes, broken heads, truncated and
+//! 10,000 malformed requests over the Unix socket, to the HTTP layer over a fake service and
+//! to the real daemon: random bytes, broken heads, truncated and
 //! oversized bodies, JSON of the wrong shape, path tricks, bad percent-encoding, bad query
 //! parameters. The server must never crash or hang, must answer every request that gets an
 //! answer with a 4xx, and must still serve a valid request afterwards.
@@ -476,8 +477,41 @@ async fn ten_thousand_malformed_requests() {
     let mut options = http_support::quick_options();
     options.header_read_timeout = Duration::from_secs(1);
     let server = Server::start_with(options).await;
+    fuzz(&server.socket, seed, REQUESTS).await;
+
+    // Still alive and still serving.
+    assert!(server.task.as_ref().is_some_and(|t| !t.is_finished()));
+    let reply = request(&server.unix(), "GET", "/healthz", &[], None).await;
+    assert_eq!(reply.status, 200);
+    let reply = post_json(
+        &server.unix(),
+        "/v1/environments",
+        r#"{"name": "after-fuzz", "from": "main"}"#,
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        201,
+        "{:?}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let reply = request(
+        &server.unix(),
+        "GET",
+        "/v1/environments/after-fuzz",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+}
+
+/// Sends `requests` malformed requests (generated from `seed`) to the server at `socket`, 32
+/// at a time, and fails on any answer that is not a 4xx, on a hang, or on a complete request
+/// left unanswered.
+async fn fuzz(socket: &std::path::Path, seed: u64, requests: usize) {
     let mut rng = Rng(seed);
-    let cases: Arc<Vec<Case>> = Arc::new((0..REQUESTS).map(|_| case(&mut rng)).collect());
+    let cases: Arc<Vec<Case>> = Arc::new((0..requests).map(|_| case(&mut rng)).collect());
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
 
@@ -485,7 +519,7 @@ async fn ten_thousand_malformed_requests() {
     for _ in 0..WORKERS {
         let cases = Arc::clone(&cases);
         let next = Arc::clone(&next);
-        let socket = server.socket.clone();
+        let socket = socket.to_path_buf();
         workers.push(tokio::spawn(async move {
             let mut failures = Vec::new();
             let mut statuses = BTreeMap::<u16, usize>::new();
@@ -529,7 +563,7 @@ async fn ten_thousand_malformed_requests() {
     }
     let answered: usize = statuses.values().sum();
     println!(
-        "{REQUESTS} malformed requests in {:?}: {answered} answered with a 4xx {statuses:?}, \
+        "{requests} malformed requests in {:?}: {answered} answered with a 4xx {statuses:?}, \
          {} failures",
         started.elapsed(),
         failures.len()
@@ -541,33 +575,51 @@ async fn ten_thousand_malformed_requests() {
         failures[..failures.len().min(20)].join("\n")
     );
     assert!(
-        answered > REQUESTS / 2,
+        answered > requests / 2,
         "seed {seed}: only {answered} answers"
     );
+}
 
-    // Still alive and still serving.
-    assert!(server.task.as_ref().is_some_and(|t| !t.is_finished()));
-    let reply = request(&server.unix(), "GET", "/healthz", &[], None).await;
-    assert_eq!(reply.status, 200);
-    let reply = post_json(
-        &server.unix(),
-        "/v1/environments",
-        r#"{"name": "after-fuzz", "from": "main"}"#,
-    )
-    .await;
-    assert_eq!(
-        reply.status,
-        201,
-        "{:?}",
-        String::from_utf8_lossy(&reply.body)
+/// The same against the real daemon (its orchestrator, store and supervisor behind the HTTP
+/// layer), on an empty data directory: it must survive and serve afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_daemon_survives_malformed_requests() {
+    let tmp = std::env::temp_dir().join(format!("grove-fuzz-daemon-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let socket = tmp.join("groved.sock");
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_groved"))
+        .arg("--data-dir")
+        .arg(tmp.join("data"))
+        .arg("--socket")
+        .arg(&socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start groved");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "groved did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    println!("daemon fuzz seed: {seed}");
+    fuzz(&socket, seed, REQUESTS).await;
+    assert!(
+        daemon.try_wait().unwrap().is_none(),
+        "groved died under malformed requests"
     );
-    let reply = request(
-        &server.unix(),
-        "GET",
-        "/v1/environments/after-fuzz",
-        &[],
-        None,
-    )
-    .await;
+    let target = http_support::Target::Unix(socket.clone());
+    let reply = request(&target, "GET", "/healthz", &[], None).await;
     assert_eq!(reply.status, 200);
+    let reply = request(&target, "GET", "/v1/environments", &[], None).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(&reply.body[..], &b"[]"[..]);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = std::fs::remove_dir_all(&tmp);
 }
