@@ -235,6 +235,71 @@ fn main_branch_sync_restart_and_delete() {
     );
     wait_console(&sock, "main", "W1-2");
 
+    // The other routes on the real daemon: image in use, pause/resume, snapshot, metrics,
+    // and the event stream (read on a thread while the branch below happens).
+    assert_eq!(get(&sock, "/v1/images/default").0, 200);
+    let (status, _) = http(
+        &sock,
+        "DELETE",
+        "/v1/images/default",
+        None,
+        "application/json",
+    );
+    assert_eq!(status, 409, "main uses the image");
+    let (status, body) = http(
+        &sock,
+        "POST",
+        "/v1/environments/main/pause",
+        None,
+        "application/json",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(get(&sock, "/v1/environments/main").1["state"], "paused");
+    let (status, _) = http(
+        &sock,
+        "POST",
+        "/v1/environments/main/pause",
+        None,
+        "application/json",
+    );
+    assert_eq!(status, 409, "already paused");
+    let (status, _) = http(
+        &sock,
+        "POST",
+        "/v1/environments/main/resume",
+        None,
+        "application/json",
+    );
+    assert_eq!(status, 200);
+    let (status, body) = http(
+        &sock,
+        "POST",
+        "/v1/environments/main/snapshot",
+        None,
+        "application/json",
+    );
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let (status, metrics) = http(&sock, "GET", "/metrics", None, "text/plain");
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&metrics).contains("grove_environments{state=\"running\"} 1"));
+    let events = {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: grove\r\n\r\n")
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&seen).contains("\"feature-x\"") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            String::from_utf8_lossy(&seen).into_owned()
+        })
+    };
+
     let (status, body) = json_req(
         &sock,
         "POST",
@@ -244,6 +309,9 @@ fn main_branch_sync_restart_and_delete() {
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["environment"]["parent"], "main");
     eprintln!("branch timings: {}", body["branch"]);
+    let events = events.join().unwrap();
+    assert!(events.contains("text/event-stream"), "{events}");
+    assert!(events.contains("\"feature-x\""), "{events}");
     assert!(body["branch"]["parent_pause_ms"].as_f64().is_some());
 
     // Two more branches of main requested at once: both succeed, each from its own snapshot.
