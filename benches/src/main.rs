@@ -4,6 +4,13 @@
 //! - `boot`: VMM start to the guest init's write to the boot-complete port (0x3f0), and to
 //!   the VMM's exit after the guest's immediate reset (`grove.bench=boot`).
 //! - `memory`: the VMM's own memory: resident set minus the guest memory the guest touched.
+//! - `snapshot`, `restore`: snapshot creation, restore latency and clone memory.
+//! - `disk-branch`, `disk-io`: branching a qcow2 disk, and in-guest disk throughput of raw,
+//!   qcow2 and a qcow2 chain (`disk.rs`).
+//! - `api-branch`: branching a running environment through `groved`'s API (`api.rs`).
+
+mod api;
+mod disk;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -62,6 +69,33 @@ enum Bench {
         #[arg(long, default_value_t = 10)]
         clones: u32,
         /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u64,
+    },
+    /// Time to branch a qcow2 disk (what a snapshot does to it), per disk size, on the host;
+    /// then the disk branch inside one real snapshot with a 20 GiB data disk.
+    DiskBranch {
+        /// Disk sizes in GiB.
+        #[arg(long, value_delimiter = ',', default_value = "1,20")]
+        sizes_gib: Vec<u64>,
+        /// Branches in a row per size.
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+    },
+    /// In-guest disk throughput (grove-disktool, 4 KiB O_DIRECT) of a raw disk, a qcow2
+    /// overlay and a 5-layer qcow2 chain, in one boot of the default image.
+    DiskIo {
+        /// MiB transferred per mode (the first SIZE MiB of each disk).
+        #[arg(long, default_value_t = 64)]
+        size_mib: u64,
+    },
+    /// Branch a running environment through groved's API: the request's time beyond the
+    /// parent's snapshot pause, and the clone's restore.
+    ApiBranch {
+        /// Branches, one after the other (each deleted after).
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// The environment's memory in MiB.
         #[arg(long, default_value_t = 256)]
         memory: u64,
     },
@@ -178,7 +212,7 @@ fn rss_split(pid: u32, guest_kb: u64) -> anyhow::Result<(u64, u64)> {
 }
 
 fn bench_memory(vmm: &Path, memory: u64) -> anyhow::Result<()> {
-    let mut vm = boot_default(vmm, memory, None)?;
+    let mut vm = boot_default(vmm, memory, None, &[])?;
     // Let the guest settle at its shell prompt.
     std::thread::sleep(Duration::from_secs(2));
     let (total_kb, guest_kb) = rss_split(vm.pid(), memory * 1024)?;
@@ -197,9 +231,14 @@ fn bench_memory(vmm: &Path, memory: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Boots the default image (root filesystem read-only), with a control socket if asked,
-/// and waits for its shell.
-fn boot_default(vmm: &Path, memory: u64, sock: Option<&Path>) -> anyhow::Result<VmProcess> {
+/// Boots the default image (root filesystem read-only), with a control socket if asked and
+/// extra `--disk` arguments (/dev/vdb onwards), and waits for its shell.
+fn boot_default(
+    vmm: &Path,
+    memory: u64,
+    sock: Option<&Path>,
+    disks: &[String],
+) -> anyhow::Result<VmProcess> {
     let set = images();
     let mut args = vec![
         "run".to_string(),
@@ -213,6 +252,10 @@ fn boot_default(vmm: &Path, memory: u64, sock: Option<&Path>) -> anyhow::Result<
     if let Some(sock) = sock {
         args.push("--control".into());
         args.push(sock.display().to_string());
+    }
+    for disk in disks {
+        args.push("--disk".into());
+        args.push(disk.clone());
     }
     let mut vm = VmProcess::spawn(vmm, args);
     vm.wait_for("GROVE-INIT-READY", BOOT_TIMEOUT)
@@ -249,7 +292,7 @@ fn bench_snapshot(vmm: &Path, sizes: &[u64]) -> anyhow::Result<()> {
     println!("host: {}", host_description());
     for &mib in sizes {
         let sock = work.path().join(format!("vm{mib}.sock"));
-        let mut vm = boot_default(vmm, mib, Some(&sock))?;
+        let mut vm = boot_default(vmm, mib, Some(&sock), &[])?;
         // A freshly booted guest: filling its memory from inside would take many minutes
         // under PVM's emulated kernel, so untouched RAM stays zero (holes in the file).
         let _ = &mut vm;
@@ -292,7 +335,7 @@ fn bench_restore(vmm: &Path, runs: u32, clones: u32, memory: u64) -> anyhow::Res
     }
     let work = TempDir::new("bench-restore");
     let sock = work.path().join("source.sock");
-    let mut source = boot_default(vmm, memory, Some(&sock))?;
+    let mut source = boot_default(vmm, memory, Some(&sock), &[])?;
     // A guest that prints continuously (shell builtins only), so the first console output
     // after a restore comes right after its vCPUs run.
     source.send_line("while :; do echo T; done > /dev/console &");
@@ -380,6 +423,9 @@ fn main() -> anyhow::Result<()> {
             bzimage,
         } => bench_boot(&vmm, runs, memory, vcpus, bzimage),
         Bench::Memory { memory } => bench_memory(&vmm, memory),
+        Bench::DiskBranch { sizes_gib, runs } => disk::bench_disk_branch(&vmm, &sizes_gib, runs),
+        Bench::DiskIo { size_mib } => disk::bench_disk_io(&vmm, size_mib),
+        Bench::ApiBranch { runs, memory } => api::bench_api_branch(runs, memory),
         Bench::Snapshot { sizes } => bench_snapshot(&vmm, &sizes),
         Bench::Restore {
             runs,
