@@ -48,9 +48,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        for env in ["main"] {
-            let _ = self.grove(&["rm", env, "--force"]);
-        }
+        let _ = self.grove(&["rm", "main", "--force"]);
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
             .status();
