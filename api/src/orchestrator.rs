@@ -547,6 +547,33 @@ impl<B: Backend> Orchestrator<B> {
         }
     }
 
+    /// Pauses (`run` false) or resumes (`run` true) the environment's vCPUs.
+    async fn set_running(&self, name: &str, run: bool) -> Result<Environment> {
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        let row = self.env_row(name)?;
+        let (from, to, verb) = if run {
+            (EnvState::Paused, EnvState::Running, "resume")
+        } else {
+            (EnvState::Running, EnvState::Paused, "pause")
+        };
+        if row.state != from {
+            return Err(ApiError::conflict(format!(
+                "cannot {verb} environment {name}: it is {:?}",
+                row.state
+            )));
+        }
+        let done = if run {
+            self.backend.resume(&row.dir).await
+        } else {
+            self.backend.pause(&row.dir).await
+        };
+        done.map_err(|e| ApiError::internal(format!("cannot {verb} {name}: {e}")))?;
+        self.store.set_state(name, to, row.pid, None)?;
+        self.emit("environment", name, "state", Some(to));
+        Ok(Self::public(&self.env_row(name)?))
+    }
+
     /// Stops the environment's VMM if it runs and deletes its overlay and run files.
     async fn stop_and_clear(&self, row: &EnvRow) -> Result<()> {
         if let Some(pid) = row.pid {
@@ -714,41 +741,11 @@ impl<B: Backend> Service for Orchestrator<B> {
     }
 
     async fn pause(&self, name: &str) -> Result<Environment> {
-        let lock = self.lock_for(name);
-        let _guard = lock.lock().await;
-        let row = self.env_row(name)?;
-        if row.state != EnvState::Running {
-            return Err(ApiError::conflict(format!(
-                "environment {name} is not running"
-            )));
-        }
-        self.backend
-            .pause(&row.dir)
-            .await
-            .map_err(|e| ApiError::internal(format!("cannot pause {name}: {e}")))?;
-        self.store
-            .set_state(name, EnvState::Paused, row.pid, None)?;
-        self.emit("environment", name, "state", Some(EnvState::Paused));
-        self.get_environment(name).await
+        self.set_running(name, false).await
     }
 
     async fn resume(&self, name: &str) -> Result<Environment> {
-        let lock = self.lock_for(name);
-        let _guard = lock.lock().await;
-        let row = self.env_row(name)?;
-        if row.state != EnvState::Paused {
-            return Err(ApiError::conflict(format!(
-                "environment {name} is not paused"
-            )));
-        }
-        self.backend
-            .resume(&row.dir)
-            .await
-            .map_err(|e| ApiError::internal(format!("cannot resume {name}: {e}")))?;
-        self.store
-            .set_state(name, EnvState::Running, row.pid, None)?;
-        self.emit("environment", name, "state", Some(EnvState::Running));
-        self.get_environment(name).await
+        self.set_running(name, true).await
     }
 
     async fn snapshot(&self, name: &str) -> Result<Snapshot> {
