@@ -317,6 +317,20 @@ impl Drop for VmProcess {
     }
 }
 
+/// Connects to a VMM's control socket, waiting up to 30 s for the VMM to create it.
+pub fn control_client(sock: &Path) -> vmm::control::client::ControlClient {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match vmm::control::client::ControlClient::connect(sock) {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > deadline => {
+                panic!("no control socket {}: {e}", sock.display())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 /// Runs `qemu-img` (Debian package qemu-utils) and returns its output; panics with the
 /// command and its output if it fails.
 pub fn qemu_img(args: &[&str]) -> String {

@@ -7,13 +7,12 @@
 //! disk's frozen layer, so the rounds are independent and fast. The random delays come from
 //! a seed printed at the start (set `GROVE_CRASH_SEED` to replay a run).
 
-use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use grove_integration::{
-    grove_vmm_bin, images, qemu_img, qemu_img_check, require_kvm, TempDir, VmProcess, BOOT_TIMEOUT,
+    control_client, grove_vmm_bin, images, qemu_img, qemu_img_check, require_kvm, TempDir,
+    VmProcess, BOOT_TIMEOUT,
 };
-use vmm::control::client::ControlClient;
 use vmm::control::protocol::{Request, Response, SnapshotRequest};
 use vmm::disk::{DiskFormat, LayerRecord};
 
@@ -36,17 +35,6 @@ fn last_ack(console: &str) -> Option<u64> {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("ACK ")?.parse().ok())
         .max()
-}
-
-fn client(sock: &Path) -> ControlClient {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match ControlClient::connect(sock) {
-            Ok(c) => return c,
-            Err(e) if Instant::now() > deadline => panic!("no control socket: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
 }
 
 /// xorshift64*: enough randomness for kill moments, and reproducible from its seed.
@@ -107,7 +95,7 @@ fn kill_9_under_fsync_write_load_loses_no_acknowledged_write() {
         panic!("{report}");
     }
     let snap = dir.path().join("snap");
-    let mut control = client(&sock);
+    let mut control = control_client(&sock);
     let frozen = match control
         .request(Request::Snapshot(SnapshotRequest {
             dir: snap.clone(),

@@ -7,10 +7,11 @@
 //! snapshot and its disk identical to the frozen layer, and every image checks clean.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use grove_integration::{
-    grove_vmm_bin, images, qemu_img, qemu_img_check, require_kvm, TempDir, VmProcess, BOOT_TIMEOUT,
+    control_client, grove_vmm_bin, images, qemu_img, qemu_img_check, require_kvm, TempDir,
+    VmProcess, BOOT_TIMEOUT,
 };
 use vmm::control::client::ControlClient;
 use vmm::control::protocol::{Request, Response, SnapshotRequest};
@@ -25,19 +26,6 @@ fn expect(vm: &mut VmProcess, needle: &str) {
 }
 
 /// Connects to a control socket, waiting for the VMM to create it.
-fn client(sock: &Path) -> ControlClient {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match ControlClient::connect(sock) {
-            Ok(c) => return c,
-            Err(e) if Instant::now() > deadline => {
-                panic!("no control socket {}: {e}", sock.display())
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
 fn ok(c: &mut ControlClient, r: Request) -> Response {
     let resp = c.request(r).expect("control request");
     if let Response::Error(e) = &resp {
@@ -148,7 +136,7 @@ fn clones_continue_from_the_snapshot_and_diverge() {
     source.send_line("echo state-$((17*3)) > /tmp/data; (i=0; while :; do i=$((i+1)); echo TICK-$i; sleep 1; done) &");
     expect(&mut source, "TICK-2");
 
-    let mut control = client(&sock);
+    let mut control = control_client(&sock);
     ok(&mut control, Request::Pause);
     let tick_at_snapshot = last_tick(&source.console()).expect("ticks before the snapshot");
     let source_digest = digest(&mut control);
@@ -189,7 +177,7 @@ fn clones_continue_from_the_snapshot_and_diverge() {
             "--paused",
         ],
     );
-    let mut probe_control = client(&probe_sock);
+    let mut probe_control = control_client(&probe_sock);
     assert_eq!(digest(&mut probe_control), source_digest);
     let probe_chain = root_chain(&mut probe_control);
     assert_eq!(
@@ -228,7 +216,7 @@ fn clones_continue_from_the_snapshot_and_diverge() {
         .collect();
     let mut overlays: Vec<PathBuf> = vec![overlay.clone(), probe_overlay.clone()];
     for (i, clone) in clones.iter_mut().enumerate() {
-        let mut c = client(&dir.path().join(format!("clone{i}.sock")));
+        let mut c = control_client(&dir.path().join(format!("clone{i}.sock")));
         let clone_chain = root_chain(&mut c);
         assert_eq!(clone_chain[1..], chain[1..]);
         assert!(!overlays.contains(&clone_chain[0].path), "{clone_chain:?}");

@@ -82,6 +82,27 @@ fn layer(path: &Path, format: DiskFormat) -> LayerRecord {
     }
 }
 
+/// A raw base of `size` bytes of `fill` and a qcow2 overlay `vm.qcow2` on it holding `data`
+/// at `at` (written before any VM opens it). Returns (base, overlay).
+fn base_and_overlay(
+    dir: &TempDir,
+    size: u64,
+    fill: u8,
+    data: &[u8],
+    at: u64,
+) -> (PathBuf, PathBuf) {
+    let base = dir.join("base.raw");
+    std::fs::write(&base, vec![fill; size as usize]).unwrap();
+    let active = dir.join("vm.qcow2");
+    disk::create_overlay(&active, Some(&layer(&base, DiskFormat::Raw)), size).unwrap();
+    let mut o = OpenOptions::new(&active, DiskFormat::Qcow2, false);
+    o.allow_backing = true;
+    let image = disk::open(&o).unwrap();
+    image.write_at(data, at).unwrap();
+    image.flush().unwrap();
+    (base, active)
+}
+
 #[test]
 fn virtio_blk_on_a_qcow2_overlay_never_writes_the_base() {
     require_kvm();
@@ -199,18 +220,8 @@ fn restore_with(snap: &Path, overrides: Vec<(String, PathBuf)>) -> Vmm {
 fn a_snapshot_branches_the_disk_and_every_restore_gets_its_own_overlay() {
     require_kvm();
     let dir = TempDir::new("branch");
-    let base = dir.join("base.raw");
-    std::fs::write(&base, vec![0x11u8; (4 * MIB) as usize]).unwrap();
-    let active = dir.join("vm.qcow2");
-    disk::create_overlay(&active, Some(&layer(&base, DiskFormat::Raw)), 4 * MIB).unwrap();
     // Data in the active layer before the VM starts.
-    {
-        let mut o = OpenOptions::new(&active, DiskFormat::Qcow2, false);
-        o.allow_backing = true;
-        let image = disk::open(&o).unwrap();
-        image.write_at(&[0x22; 4096], MIB).unwrap();
-        image.flush().unwrap();
-    }
+    let (base, active) = base_and_overlay(&dir, 4 * MIB, 0x11, &[0x22; 4096], MIB);
     let at_snapshot = dir.join("at-snapshot.raw");
     qemu_img(&[
         "convert",
@@ -327,17 +338,7 @@ fn a_snapshot_past_the_depth_limit_fails_and_the_vm_runs_on() {
 fn compaction_respects_snapshots_and_a_running_vm_picks_it_up_at_its_next_branch() {
     require_kvm();
     let dir = TempDir::new("compact");
-    let base = dir.join("base.raw");
-    std::fs::write(&base, vec![0x33u8; (2 * MIB) as usize]).unwrap();
-    let active = dir.join("vm.qcow2");
-    disk::create_overlay(&active, Some(&layer(&base, DiskFormat::Raw)), 2 * MIB).unwrap();
-    {
-        let mut o = OpenOptions::new(&active, DiskFormat::Qcow2, false);
-        o.allow_backing = true;
-        let image = disk::open(&o).unwrap();
-        image.write_at(&[0x44; 65536], 0).unwrap();
-        image.flush().unwrap();
-    }
+    let (base, active) = base_and_overlay(&dir, 2 * MIB, 0x33, &[0x44; 65536], 0);
     let vm = counter_guest(vec![qcow2_disk(&active)]);
     wait_change(&vm);
     let f1 = snapshot(&vm, &dir.join("s1")).frozen_layers[0].clone();
