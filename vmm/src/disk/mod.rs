@@ -325,5 +325,28 @@ impl DiskImage {
     }
 }
 
+/// Runs `attempt` until it stops failing with [`DiskError::Locked`] (at most 10 s).
+///
+/// Disk locks are `flock`s, held by every descriptor of the open file. When a multithreaded
+/// test process spawns a child (`qemu-img`), the child holds a copy of every descriptor between
+/// its fork and its exec, so a lock the test has just released may still be held for a moment.
+/// Tests that reopen an image they have just closed go through this; the VMM itself never
+/// spawns children.
+#[cfg(test)]
+pub(crate) fn retry_while_locked<T, E>(
+    mut attempt: impl FnMut() -> Result<T, E>,
+    locked: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match attempt() {
+            Err(e) if locked(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -75,6 +75,22 @@ fn assert_same_as_raw(qcow2: &Path, raw: &Path) {
     ]);
 }
 
+/// Opens a disk image the test has no handle on any more (see [`retry_while_locked`]).
+fn open(opts: &OpenOptions) -> Result<DiskImage, DiskError> {
+    retry_while_locked(
+        || chain::open(opts),
+        |e| matches!(e, DiskError::Locked { .. }),
+    )
+}
+
+/// Compacts a chain the test has no handle on any more (see [`retry_while_locked`]).
+fn compact(top: &Path, refs: &[PathBuf]) -> Result<compact::CompactReport, DiskError> {
+    retry_while_locked(
+        || compact::compact(top, refs),
+        |e| matches!(e, DiskError::Locked { .. }),
+    )
+}
+
 /// A raw file whose 4 KiB block `i` is filled with `(i % 251) as u8 + 1`.
 fn raw_base(path: &Path, size: u64) -> Vec<u8> {
     let data: Vec<u8> = (0..size / 4096)
@@ -299,9 +315,9 @@ fn layers_are_locked_shared_and_active_layers_exclusively() {
     let a = open(&qcow2_opts(&top1, false)).unwrap();
     let b = open(&qcow2_opts(&top2, false)).unwrap();
     // Nobody may write the base they read, nor a second writer an active layer.
-    let e = open(&OpenOptions::new(&base, DiskFormat::Raw, false)).unwrap_err();
+    let e = chain::open(&OpenOptions::new(&base, DiskFormat::Raw, false)).unwrap_err();
     assert!(matches!(e, DiskError::Locked { .. }), "{e}");
-    let e = open(&qcow2_opts(&top1, false)).unwrap_err();
+    let e = chain::open(&qcow2_opts(&top1, false)).unwrap_err();
     assert!(matches!(e, DiskError::Locked { .. }), "{e}");
     drop((a, b));
     open(&OpenOptions::new(&base, DiskFormat::Raw, false)).unwrap();
@@ -459,7 +475,7 @@ fn compaction_merges_unshared_layers_into_the_top_and_keeps_its_contents() {
     let vm = d.join("vm.qcow2");
     create_overlay(&vm, Some(&qcow2(&l3)), 2 * MIB).unwrap();
 
-    let report = compact::compact(&l3, &[]).unwrap();
+    let report = compact(&l3, &[]).unwrap();
     assert_eq!(report.merged, vec![d.join("l2.qcow2"), d.join("l1.qcow2")]);
     assert_eq!(report.backing, Some(raw(&d.join("base.raw"))));
     assert_eq!((report.depth_before, report.depth_after), (4, 2));
@@ -472,7 +488,7 @@ fn compaction_merges_unshared_layers_into_the_top_and_keeps_its_contents() {
     assert_eq!(read_all(&image), expected);
     // Nothing left to merge.
     drop(image);
-    let report = compact::compact(&l3, &[]).unwrap();
+    let report = compact(&l3, &[]).unwrap();
     assert!(report.merged.is_empty());
 }
 
@@ -486,7 +502,7 @@ fn compaction_stops_at_a_layer_something_else_uses() {
     let other = d.join("other.qcow2");
     create_overlay(&other, Some(&qcow2(&d.join("l1.qcow2"))), 2 * MIB).unwrap();
     let l3 = d.join("l3.qcow2");
-    let report = compact::compact(&l3, &[]).unwrap();
+    let report = compact(&l3, &[]).unwrap();
     assert_eq!(report.merged, vec![d.join("l2.qcow2")]);
     assert_eq!(report.backing, Some(qcow2(&d.join("l1.qcow2"))));
     assert!(d.join("l1.qcow2").exists());

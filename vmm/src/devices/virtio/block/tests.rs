@@ -375,15 +375,22 @@ fn an_image_written_by_one_vm_is_locked_for_every_other() {
     let e = open(true).err().expect("read-only open of a written image");
     assert!(e.to_string().contains("in use by another VM"), "{e}");
     drop(first);
+    // Released locks may linger while another test's child process starts.
+    let reopen = |read_only| {
+        crate::disk::retry_while_locked(
+            || open(read_only),
+            |e| matches!(e, BlockError::Disk(DiskError::Locked { .. })),
+        )
+    };
     // Read-only users share the image; a writer is then refused.
-    let r1 = open(true).unwrap();
+    let r1 = reopen(true).unwrap();
     let r2 = open(true).unwrap();
     assert!(matches!(
         open(false),
         Err(BlockError::Disk(DiskError::Locked { .. }))
     ));
     drop((r1, r2));
-    open(false).unwrap();
+    reopen(false).unwrap();
 }
 
 /// A block device registered with a real event manager.
@@ -593,7 +600,16 @@ fn restored_block_serves_requests_posted_after_restore() {
     write_header(&mem, VIRTIO_BLK_T_IN, 5);
     let head = drv.add_chain(&request(512, true));
 
-    let block = Block::restore(BlockRestoreArgs::default(), &block_state).unwrap();
+    let block = crate::disk::retry_while_locked(
+        || Block::restore(BlockRestoreArgs::default(), &block_state),
+        |e| {
+            matches!(
+                e,
+                BlockRestoreError::Open(BlockError::Disk(DiskError::Locked { .. }))
+            )
+        },
+    )
+    .unwrap();
     assert_eq!(block.path(), tmp.0);
     let mut lp = Loop::new(block);
     let args = MmioTransportRestoreArgs {
