@@ -99,6 +99,9 @@ pub struct RestoreOptions {
     pub paused: bool,
     /// Refuse the snapshot unless it was taken with this CPU template.
     pub cpu_template: Option<CpuTemplate>,
+    /// Listen for vsock connections here instead of the saved socket path (a clone running
+    /// beside its source cannot take the source's socket).
+    pub vsock_override: Option<PathBuf>,
 }
 
 /// Builds the VM described by `config` and starts it. `start` is when the VMM started, for
@@ -262,6 +265,7 @@ pub fn restore(
         exit.clone(),
         boot_timer.clone(),
         &disk_overrides,
+        options.vsock_override.as_deref(),
     )?
     .into_devices();
 
@@ -401,6 +405,9 @@ fn setup_devices(
     }
     if config.rng {
         devices.attach_rng(vm)?;
+    }
+    if let Some(vsock) = &config.vsock {
+        devices.attach_vsock(vm, vsock)?;
     }
     Ok(devices)
 }

@@ -101,6 +101,24 @@ pub struct VmConfig {
     /// bitmap), so diff snapshots can be taken.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// Attach a virtio-vsock device whose host side is a Unix socket (docs/vsock.md).
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// Longest `uds_path`: `<uds_path>_<port>` (up to 11 more bytes) must still fit a socket
+/// address (108 bytes with the terminating NUL).
+pub const MAX_VSOCK_PATH_LEN: usize = 107 - 11;
+
+/// A virtio-vsock device (docs/vsock.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id: 3 to 2^32 - 2 (0-2 are reserved, -1 means "any").
+    pub guest_cid: u32,
+    /// The Unix socket the VMM listens on for host-initiated connections; guest-initiated
+    /// connections to host port P go to `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
 }
 
 /// A configuration that cannot describe a VM.
@@ -126,6 +144,10 @@ pub enum ConfigError {
     EmptyDiskPath,
     #[error("the command line contains a NUL byte")]
     CmdlineNul,
+    #[error("vsock guest_cid must be between 3 and 4294967294 (0-2 and -1 are reserved), got {0}")]
+    VsockCid(u32),
+    #[error("vsock uds_path {0:?} must be a non-empty path of at most {MAX_VSOCK_PATH_LEN} bytes")]
+    VsockPath(String),
     #[error(
         "disk {path}: max_chain_depth must be between 1 and {MAX_CHAIN_DEPTH_LIMIT}, got {depth}"
     )]
@@ -147,6 +169,7 @@ impl VmConfig {
             cpu_template: CpuTemplate::default(),
             track_dirty_pages: false,
             rng: true,
+            vsock: None,
         }
     }
 
@@ -212,6 +235,23 @@ impl VmConfig {
                     depth: disk.max_chain_depth,
                 });
             }
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl VsockConfig {
+    /// Checks the CID and that every socket path derived from `uds_path` fits an address.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.guest_cid < 3 || self.guest_cid == u32::MAX {
+            return Err(ConfigError::VsockCid(self.guest_cid));
+        }
+        let len = self.uds_path.as_os_str().len();
+        if len == 0 || len > MAX_VSOCK_PATH_LEN {
+            return Err(ConfigError::VsockPath(self.uds_path.display().to_string()));
         }
         Ok(())
     }
@@ -291,6 +331,37 @@ mod tests {
         let c: VmConfig =
             serde_json::from_str(r#"{"kernel":"/k","cpu_template":"x86-64-v2"}"#).unwrap();
         assert_eq!(c.cpu_template, CpuTemplate::X86_64V2);
+    }
+
+    #[test]
+    fn vsock_cid_and_path_are_checked() {
+        let mut c = valid();
+        let vsock = |cid, path: &str| {
+            Some(VsockConfig {
+                guest_cid: cid,
+                uds_path: path.into(),
+            })
+        };
+        c.vsock = vsock(3, "/run/v.sock");
+        c.validate(None).unwrap();
+        for cid in [0, 1, 2, u32::MAX] {
+            c.vsock = vsock(cid, "/run/v.sock");
+            assert_eq!(c.validate(None), Err(ConfigError::VsockCid(cid)));
+        }
+        c.vsock = vsock(3, "");
+        assert!(matches!(c.validate(None), Err(ConfigError::VsockPath(_))));
+        c.vsock = vsock(3, &"x".repeat(MAX_VSOCK_PATH_LEN + 1));
+        assert!(matches!(c.validate(None), Err(ConfigError::VsockPath(_))));
+        let c: VmConfig = serde_json::from_str(
+            r#"{"kernel":"/k","vsock":{"guest_cid":7,"uds_path":"/run/v.sock"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.vsock, vsock(7, "/run/v.sock"));
+        let err = serde_json::from_str::<VmConfig>(
+            r#"{"kernel":"/k","vsock":{"guest_cid":7,"uds_path":"/v","cid":3}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `cid`"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,6 @@ pub mod snapshot;
 pub mod vstate;
 
 pub use builder::{build_and_start, BuildError, ConsoleIo};
-pub use config::{DiskConfig, VmConfig};
+pub use config::{DiskConfig, VmConfig, VsockConfig};
 pub use exit::VmExit;
 pub use runtime::Vmm;

@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use vmm::builder::{RestoreOptions, StartOptions};
 use vmm::disk::DiskFormat;
 use vmm::vstate::cpuid::CpuTemplate;
-use vmm::{ConsoleIo, DiskConfig, VmConfig};
+use vmm::{ConsoleIo, DiskConfig, VmConfig, VsockConfig};
 use vmm_sys_util::terminal::Terminal;
 
 mod disk_cmd;
@@ -90,6 +90,10 @@ struct RestoreArgs {
     /// Refuse the snapshot unless it was taken with this CPU template.
     #[arg(long, value_name = "NAME")]
     cpu_template: Option<CpuTemplate>,
+    /// Listen for vsock connections at this socket instead of the saved path (a clone
+    /// running beside its source needs its own; see docs/vsock.md).
+    #[arg(long, value_name = "PATH")]
+    vsock_override: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -135,6 +139,27 @@ struct RunArgs {
     /// Track dirty pages (KVM dirty log and device writes), enabling diff snapshots.
     #[arg(long)]
     track_dirty_pages: bool,
+    /// Attach a virtio-vsock device: the guest's CID (3 or more) and the Unix socket host
+    /// clients connect to (see docs/vsock.md); replaces the config file's `vsock`.
+    #[arg(long, value_name = "CID,PATH")]
+    vsock: Option<String>,
+}
+
+/// `CID,PATH`: the guest's context id and the host-side Unix socket.
+fn parse_vsock(spec: &str) -> anyhow::Result<VsockConfig> {
+    let Some((cid, path)) = spec.split_once(',') else {
+        bail!("--vsock {spec:?}: expected CID,PATH");
+    };
+    let guest_cid = cid
+        .parse()
+        .with_context(|| format!("--vsock {spec:?}: the CID is not a number"))?;
+    if path.is_empty() {
+        bail!("--vsock {spec:?}: the socket path is empty");
+    }
+    Ok(VsockConfig {
+        guest_cid,
+        uds_path: PathBuf::from(path),
+    })
 }
 
 /// `PATH[,OPTION]...`: `ro` / `rw`, `raw` / `qcow2`, and `backing` (follow the backing
@@ -185,6 +210,9 @@ impl RunArgs {
         }
         if self.track_dirty_pages {
             config.track_dirty_pages = true;
+        }
+        if let Some(spec) = &self.vsock {
+            config.vsock = Some(parse_vsock(spec)?);
         }
         Ok(config)
     }
@@ -276,6 +304,7 @@ fn restore(args: RestoreArgs, start: Instant) -> ExitCode {
             disk_overrides,
             paused: args.paused,
             cpu_template: args.cpu_template,
+            vsock_override: args.vsock_override,
         };
         let console = console_io(args.serial.as_ref())?;
         Ok(vmm::builder::restore(&options, console, start)?)

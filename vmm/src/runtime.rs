@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use crate::config::VmConfig;
 use crate::control::protocol::{
     DiskStatus, ErrorCode, Request, Response, SnapshotInfo, SnapshotKind, SnapshotRequest,
-    StatusInfo, VmRunState,
+    StatusInfo, VmRunState, VsockStatus,
 };
 use crate::control::ControlHandler;
 use crate::device_manager::{
-    branch_disks, flush_disks, prepare_disk_spares, save_devices, Devices,
+    branch_disks, flush_disks, prepare_disk_spares, save_devices, Devices, VirtioDeviceHandle,
 };
 use crate::devices::legacy::BootTimer;
 use crate::event_loop::EventLoop;
@@ -397,6 +397,20 @@ impl VmmShared {
                     }
                 })
                 .collect(),
+            vsock: self
+                .devices
+                .virtio
+                .iter()
+                .find_map(|slot| match &slot.device {
+                    VirtioDeviceHandle::Vsock(v) => {
+                        let v = lock(v);
+                        Some(VsockStatus {
+                            guest_cid: v.guest_cid(),
+                            uds_path: v.uds_path().to_path_buf(),
+                        })
+                    }
+                    _ => None,
+                }),
         }
     }
 

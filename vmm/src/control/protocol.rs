@@ -202,6 +202,19 @@ pub struct StatusInfo {
     /// The disks in attachment order.
     #[serde(default)]
     pub disks: Vec<DiskStatus>,
+    /// The vsock device, if the VM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockStatus>,
+}
+
+/// The vsock device as the host reaches it (docs/vsock.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockStatus {
+    pub guest_cid: u32,
+    /// Where host clients connect (`CONNECT <port>`); guest connections to host port P go
+    /// to `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
 }
 
 /// One disk as the VM uses it now.
@@ -372,6 +385,10 @@ mod tests {
                         format: crate::disk::DiskFormat::Qcow2,
                     }],
                 }],
+                vsock: Some(VsockStatus {
+                    guest_cid: 3,
+                    uds_path: "/run/v.sock".into(),
+                }),
             }),
             Response::Snapshot(SnapshotInfo {
                 dir: "/tmp/s".into(),

@@ -20,6 +20,7 @@ use crate::devices::virtio::block::{Block, BlockConfig, BlockError};
 use crate::devices::virtio::device_state::PauseGate;
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::rng::{Rng, RngError};
+use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::ExitNotifier;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -51,6 +52,8 @@ pub enum DeviceError {
     Block(#[from] BlockError),
     #[error(transparent)]
     Rng(#[from] RngError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     #[error("cannot create the virtio-MMIO transport")]
     Mmio(#[from] MmioError),
     #[error("too many virtio devices: IRQs {first}..={last} are all taken", first = layout::VIRTIO_IRQ_BASE, last = layout::IRQ_MAX)]
@@ -97,6 +100,7 @@ impl DeviceWiring for Vm {
 pub enum VirtioDeviceHandle {
     Block(Arc<Mutex<Block>>),
     Rng(Arc<Mutex<Rng>>),
+    Vsock(Arc<Mutex<Vsock>>),
 }
 
 /// One attached virtio device: the device, its transport and where the guest finds it.
@@ -239,6 +243,16 @@ impl DeviceManager {
         self.attach_virtio(vm, VirtioDeviceHandle::Rng(rng))
     }
 
+    /// A virtio-vsock device listening on `config.uds_path`.
+    pub fn attach_vsock(
+        &mut self,
+        vm: &dyn DeviceWiring,
+        config: &crate::config::VsockConfig,
+    ) -> Result<(), DeviceError> {
+        let vsock = Arc::new(Mutex::new(Vsock::new(config)?));
+        self.attach_virtio(vm, VirtioDeviceHandle::Vsock(vsock))
+    }
+
     /// Places a virtio device behind a new MMIO transport in the next free window and IRQ.
     pub fn attach_virtio(
         &mut self,
@@ -314,6 +328,7 @@ impl VirtioDeviceHandle {
         match self {
             VirtioDeviceHandle::Block(b) => b.clone(),
             VirtioDeviceHandle::Rng(r) => r.clone(),
+            VirtioDeviceHandle::Vsock(v) => v.clone(),
         }
     }
 
@@ -322,6 +337,7 @@ impl VirtioDeviceHandle {
         match self {
             VirtioDeviceHandle::Block(b) => b.clone(),
             VirtioDeviceHandle::Rng(r) => r.clone(),
+            VirtioDeviceHandle::Vsock(v) => v.clone(),
         }
     }
 }

@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,7 @@ use crate::devices::virtio::mmio::{
     MmioRestoreError, MmioTransport, MmioTransportRestoreArgs, MmioTransportState,
 };
 use crate::devices::virtio::rng::{Rng, RngRestoreError, RngState};
+use crate::devices::virtio::vsock::{Vsock, VsockRestoreArgs, VsockRestoreError, VsockState};
 use crate::exit::ExitNotifier;
 use crate::snapshot::Persist;
 
@@ -57,11 +58,13 @@ pub struct VirtioDeviceState {
     pub irq: u32,
 }
 
-/// The device-type-specific part of a saved virtio device.
+/// The device-type-specific part of a saved virtio device. Append-only: snapshots name
+/// their variants.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum VirtioKindState {
     Block(BlockState),
     Rng(RngState),
+    Vsock(VsockState),
 }
 
 /// Why saved devices cannot be restored.
@@ -93,6 +96,10 @@ pub enum DevicesRestoreError {
     },
     #[error("cannot restore the entropy device")]
     Rng(#[source] RngRestoreError),
+    #[error("cannot restore the vsock device")]
+    Vsock(#[source] VsockRestoreError),
+    #[error("a vsock socket override was given, but the snapshot has no vsock device")]
+    NoVsock,
     #[error("cannot restore the virtio-MMIO transport at {base:#x}")]
     Transport {
         base: u64,
@@ -111,6 +118,7 @@ pub fn save_devices(devices: &Devices) -> DevicesState {
             let kind = match &slot.device {
                 VirtioDeviceHandle::Block(b) => VirtioKindState::Block(lock(b).save()),
                 VirtioDeviceHandle::Rng(r) => VirtioKindState::Rng(lock(r).save()),
+                VirtioDeviceHandle::Vsock(v) => VirtioKindState::Vsock(lock(v).save()),
             };
             VirtioDeviceState {
                 kind,
@@ -199,6 +207,7 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn validate(
     state: &DevicesState,
     disk_overrides: &[(usize, PathBuf)],
+    vsock_override: Option<&Path>,
 ) -> Result<(), DevicesRestoreError> {
     let windows: Vec<(u64, u32)> = (0..MAX_VIRTIO_DEVICES).filter_map(virtio_slot).collect();
     let mut irqs = HashSet::new();
@@ -243,6 +252,13 @@ fn validate(
             return Err(DevicesRestoreError::DuplicateOverride { index });
         }
     }
+    let has_vsock = state
+        .virtio
+        .iter()
+        .any(|d| matches!(d.kind, VirtioKindState::Vsock(_)));
+    if vsock_override.is_some() && !has_vsock {
+        return Err(DevicesRestoreError::NoVsock);
+    }
     Ok(())
 }
 
@@ -252,7 +268,8 @@ impl DeviceManager {
     /// virtio devices are re-activated; the event loop registers their queues and serves
     /// pending requests as soon as it starts, so start it only once the vCPU and interrupt
     /// controller state is restored. `disk_overrides` maps a disk index (order of the block
-    /// devices in `state`) to the image to open instead of the saved path.
+    /// devices in `state`) to the image to open instead of the saved path; `vsock_override`
+    /// is where the vsock device listens instead of its saved socket path.
     pub fn restore(
         vm: &dyn DeviceWiring,
         state: &DevicesState,
@@ -260,8 +277,9 @@ impl DeviceManager {
         exit: Arc<ExitNotifier>,
         boot_timer: Arc<BootTimer>,
         disk_overrides: &[(usize, PathBuf)],
+        vsock_override: Option<&Path>,
     ) -> Result<DeviceManager, DeviceError> {
-        validate(state, disk_overrides)?;
+        validate(state, disk_overrides, vsock_override)?;
         let mut dm = DeviceManager::new();
         if let Some(serial) = &state.serial {
             let ConsoleIo { output, input } = console;
@@ -300,6 +318,13 @@ impl DeviceManager {
                 VirtioKindState::Rng(rng) => {
                     let rng = Rng::restore((), rng).map_err(DevicesRestoreError::Rng)?;
                     VirtioDeviceHandle::Rng(Arc::new(Mutex::new(rng)))
+                }
+                VirtioKindState::Vsock(vsock) => {
+                    let args = VsockRestoreArgs {
+                        uds_path_override: vsock_override.map(Path::to_path_buf),
+                    };
+                    let vsock = Vsock::restore(args, vsock).map_err(DevicesRestoreError::Vsock)?;
+                    VirtioDeviceHandle::Vsock(Arc::new(Mutex::new(vsock)))
                 }
             };
             let args = MmioTransportRestoreArgs {

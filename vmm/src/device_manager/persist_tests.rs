@@ -85,7 +85,7 @@ fn restore(
 ) -> Result<DeviceManager, DeviceError> {
     let exit = Arc::new(ExitNotifier::new().unwrap());
     let timer = BootTimer::new(Instant::now());
-    DeviceManager::restore(vm, state, console(), exit, timer, overrides)
+    DeviceManager::restore(vm, state, console(), exit, timer, overrides, None)
 }
 
 /// A saved state of [`boot`]'s devices with the first disk and the rng running (the rng has

@@ -147,6 +147,13 @@ impl DeviceState {
         self.active.as_ref().map_or(&[], |a| a.queues.as_slice())
     }
 
+    /// The activated device's memory, queues and interrupt, for a device that takes a chain
+    /// only when it has something to put in it (vsock's receive and event queues) instead of
+    /// serving every available chain as [`process_queue`](Self::process_queue) does.
+    pub fn active_mut(&mut self) -> Option<&mut Activated> {
+        self.active.as_mut()
+    }
+
     /// Stores the queues and wakes the event loop. Runs on a vCPU thread: never blocks.
     pub fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         if self.active.is_some() {

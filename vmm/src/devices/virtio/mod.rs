@@ -17,10 +17,12 @@ pub mod mmio;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
+pub mod vsock;
 
 pub use block::{Block, BlockConfig, BlockError};
 pub use mmio::{MmioError, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
 pub use rng::{Rng, RngError};
+pub use vsock::{Vsock, VsockError};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -34,6 +36,7 @@ use crate::vstate::memory::GuestMemoryMmap;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
+pub const TYPE_VSOCK: u32 = 19;
 
 /// Feature bit: the device complies with virtio 1.0+ (required for the modern MMIO layout).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
