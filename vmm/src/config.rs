@@ -102,7 +102,9 @@ pub struct VmConfig {
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// Attach a virtio-vsock device whose host side is a Unix socket (docs/vsock.md).
-    #[serde(default)]
+    /// Absent from the JSON when `None`, so snapshots of VMs without one stay readable by
+    /// a `grove-vmm` that predates the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
 }
 
@@ -357,6 +359,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.vsock, vsock(7, "/run/v.sock"));
+        let json = serde_json::to_string(&VmConfig::new("/k")).unwrap();
+        assert!(!json.contains("vsock"), "{json}");
         let err = serde_json::from_str::<VmConfig>(
             r#"{"kernel":"/k","vsock":{"guest_cid":7,"uds_path":"/v","cid":3}}"#,
         )

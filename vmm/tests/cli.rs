@@ -118,6 +118,19 @@ fn unknown_flag_and_bad_disk_option() {
 }
 
 #[test]
+fn bad_vsock_flags() {
+    let g = test_guest();
+    let out = grove_vmm(&["run", "--kernel", &g, "--vsock", "/tmp/v.sock"]);
+    assert_bad_input(&out, &["--vsock", "CID,PATH"]);
+    let out = grove_vmm(&["run", "--kernel", &g, "--vsock", "three,/tmp/v.sock"]);
+    assert_bad_input(&out, &["--vsock", "not a number"]);
+    let out = grove_vmm(&["run", "--kernel", &g, "--vsock", "2,/tmp/v.sock"]);
+    assert_bad_input(&out, &["guest_cid", "got 2"]);
+    let out = grove_vmm(&["run", "--kernel", &g, "--vsock", "3,"]);
+    assert_bad_input(&out, &["--vsock", "empty"]);
+}
+
+#[test]
 fn boots_the_test_guest_and_exits_zero_on_guest_reset() {
     let out = grove_vmm(&[
         "run",

@@ -11,7 +11,9 @@ use super::*;
 use crate::device_manager::Subscriber;
 use crate::devices::persist_tests::Sink;
 use crate::devices::virtio::block::BlockConfig;
-use crate::devices::virtio::test_utils::{bring_up, desc, guest_mem, Driver, TempFile, DATA_BASE};
+use crate::devices::virtio::test_utils::{
+    bring_up, desc, guest_mem, temp_path, Driver, TempFile, DATA_BASE,
+};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::{INT_VRING, TYPE_BLOCK};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -337,4 +339,89 @@ fn a_vm_without_legacy_devices_or_virtio_saves_empty() {
     let devices = restore(&vm, &state, &[]).unwrap().into_devices();
     assert!(devices.serial.is_none() && devices.virtio.is_empty());
     flush_disks(&devices).unwrap();
+}
+
+#[test]
+fn a_vsock_device_comes_back_listening_where_it_is_told() {
+    use crate::config::VsockConfig;
+    use crate::devices::virtio::vsock::VsockError;
+
+    let mem = guest_mem();
+    let dir = temp_path("dm-vsock");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("v.sock");
+    let vm = MockVm::new(&mem);
+    let mut dm = DeviceManager::new();
+    let config = VsockConfig {
+        guest_cid: 42,
+        uds_path: sock.clone(),
+    };
+    dm.attach_vsock(&vm, &config).unwrap();
+    assert_eq!(dm.cmdline_args(), ["virtio_mmio.device=4K@0xd0000000:5"]);
+    let devices = dm.into_devices();
+    let state = save_devices(&devices);
+    let VirtioKindState::Vsock(v) = &state.virtio[0].kind else {
+        panic!("{:?}", state.virtio[0].kind);
+    };
+    assert_eq!((v.guest_cid, &v.uds_path), (42, &sock));
+    assert_eq!(state.virtio[0].transport.device_type, 19);
+    let json = serde_json::to_string(&state).unwrap();
+    let state: DevicesState = serde_json::from_str(&json).unwrap();
+
+    // The source still listens: a clone must be told where to listen instead.
+    let e = restore(&MockVm::new(&mem), &state, &[])
+        .err()
+        .expect("in use");
+    assert!(
+        matches!(
+            e,
+            DeviceError::Restore(DevicesRestoreError::Vsock(
+                crate::devices::virtio::vsock::VsockRestoreError::Create(VsockError::InUse(_))
+            ))
+        ),
+        "{e:?}"
+    );
+    let clone_sock = dir.join("clone.sock");
+    let exit = Arc::new(ExitNotifier::new().unwrap());
+    let timer = BootTimer::new(Instant::now());
+    let vm2 = MockVm::new(&mem);
+    let dm = DeviceManager::restore(
+        &vm2,
+        &state,
+        console(),
+        exit,
+        timer,
+        &[],
+        Some(clone_sock.as_path()),
+    )
+    .unwrap();
+    let clone = dm.into_devices();
+    let saved = save_devices(&clone);
+    let VirtioKindState::Vsock(v) = &saved.virtio[0].kind else {
+        panic!("{:?}", saved.virtio[0].kind);
+    };
+    assert_eq!(v.uds_path, clone_sock);
+    assert!(std::os::unix::net::UnixStream::connect(&clone_sock).is_ok());
+    drop((clone, devices));
+
+    // An override for a snapshot without vsock is a mistake worth reporting.
+    let exit = Arc::new(ExitNotifier::new().unwrap());
+    let timer = BootTimer::new(Instant::now());
+    let empty = save_devices(&DeviceManager::new().into_devices());
+    let e = DeviceManager::restore(
+        &MockVm::new(&mem),
+        &empty,
+        console(),
+        exit,
+        timer,
+        &[],
+        Some(clone_sock.as_path()),
+    )
+    .err()
+    .expect("no vsock to override");
+    assert!(
+        matches!(e, DeviceError::Restore(DevicesRestoreError::NoVsock)),
+        "{e:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -186,8 +186,22 @@ impl Vsock {
             return;
         };
         let mem = &*mem;
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
-            // No buffer yet: the driver's next notification of the event queue brings one.
+        let chain = match queue.iter(mem) {
+            Ok(mut iter) => iter.next(),
+            Err(e) => {
+                warn!("vsock: unusable event ring ({e}); disabled until reset");
+                queue.set_ready(false);
+                return;
+            }
+        };
+        let Some(chain) = chain else {
+            // No buffer yet: ask for the driver's notification when it adds one (a buffer
+            // added meanwhile is served by the kick of the next wake-up).
+            if let Ok(true) = queue.enable_notification(mem) {
+                if let Err(e) = self.state.queue_events()[EVENT_QUEUE].write(1) {
+                    warn!("vsock: cannot re-signal the event queue: {e}");
+                }
+            }
             return;
         };
         self.reset_event_pending = false;

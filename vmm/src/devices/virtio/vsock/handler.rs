@@ -13,7 +13,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events};
 use log::{debug, warn};
@@ -33,6 +33,9 @@ use crate::vstate::memory::GuestMemoryMmap;
 
 /// Clients accepted per wake-up, so a flood of them cannot hold the event loop.
 const ACCEPT_BUDGET: usize = 16;
+/// How long the listening socket is left alone after accepting failed (out of file
+/// descriptors, say): it stays readable, and retrying at once would spin the event loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(500);
 
 /// A connection seen from the host: its port here and the guest's port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -120,6 +123,8 @@ pub(super) struct Handler {
     /// the next [`sync`](Self::sync) (an fd must leave the epoll set before it is closed).
     graveyard: Vec<(UnixStream, EventSet)>,
     next_port: u32,
+    /// Accepting failed: the listening socket is not watched until then.
+    accept_backoff: Option<Instant>,
 }
 
 impl Handler {
@@ -134,6 +139,7 @@ impl Handler {
             rst_queue: VecDeque::new(),
             graveyard: Vec::new(),
             next_port: FIRST_LOCAL_PORT,
+            accept_backoff: None,
         }
     }
 
@@ -335,6 +341,7 @@ impl Handler {
             self.graveyard.push((hs.stream, hs.registered));
         }
         self.rst_queue.clear();
+        self.accept_backoff = None;
     }
 
     /// Accepts waiting clients; their `CONNECT` line comes later.
@@ -361,6 +368,7 @@ impl Handler {
                     ) => {}
                 Err(e) => {
                     warn!("vsock: accept on {} failed: {e}", self.uds_path().display());
+                    self.accept_backoff = Some(Instant::now() + ACCEPT_BACKOFF);
                     break;
                 }
             }
@@ -445,9 +453,11 @@ impl Handler {
         }
     }
 
-    /// Whether a deadline is running (a client's handshake, a REQUEST's answer).
+    /// Whether a deadline is running (a client's handshake, a REQUEST's answer, a pause in
+    /// accepting).
     pub fn has_deadlines(&self) -> bool {
-        !self.handshakes.is_empty()
+        self.accept_backoff.is_some()
+            || !self.handshakes.is_empty()
             || self
                 .conns
                 .values()
@@ -457,6 +467,9 @@ impl Handler {
     /// Closes clients that sent no line in time and host-initiated connections the guest did
     /// not answer in time (telling the guest, in case its answer is still coming).
     pub fn expire(&mut self, now: Instant) {
+        if self.accept_backoff.is_some_and(|t| t <= now) {
+            self.accept_backoff = None;
+        }
         let late: Vec<RawFd> = self
             .handshakes
             .iter()
@@ -587,7 +600,12 @@ impl Handler {
     pub fn sync(&mut self, ops: &mut EventOps, live: bool) {
         let gate = |set: EventSet| if live { set } else { EventSet::empty() };
         let fd = self.listener.listener.as_raw_fd();
-        apply(ops, fd, &mut self.listener.registered, gate(EventSet::IN));
+        let accepting = if self.accept_backoff.is_none() {
+            gate(EventSet::IN)
+        } else {
+            EventSet::empty()
+        };
+        apply(ops, fd, &mut self.listener.registered, accepting);
         for (fd, hs) in &mut self.handshakes {
             apply(ops, *fd, &mut hs.registered, gate(EventSet::IN));
         }

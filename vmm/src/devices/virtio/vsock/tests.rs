@@ -885,14 +885,18 @@ fn restore_resets_the_transport_once_the_vm_runs_and_listens_again() {
     let mem2 = guest_mem();
     let mut c = Guest::with_device(&mem2, restored);
     c.post_rx(4);
+    gate.set_closed(false);
+    for q in 0..3 {
+        c.kick(q);
+    }
+    assert!(c.events().is_empty(), "no event buffer yet");
+    gate.set_closed(true);
     c.post_event_buffer();
     c.post_event_buffer();
     c.kick(EVENT_QUEUE);
     assert!(c.events().is_empty(), "not while paused");
     gate.set_closed(false);
-    for q in 0..3 {
-        c.kick(q);
-    }
+    c.kick(EVENT_QUEUE);
     assert_eq!(c.events(), [(EVENT_TRANSPORT_RESET, 4)]);
     c.kick(EVENT_QUEUE);
     assert!(c.events().is_empty(), "only once");
