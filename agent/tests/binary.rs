@@ -38,8 +38,10 @@ impl RunningAgent {
             .spawn()
             .expect("start grove-agent");
         let agent = Self { child, dir, socket };
+        // The socket file appears at bind(2), a moment before listen(2): wait until a
+        // connection succeeds.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !agent.socket.exists() {
+        while UnixStream::connect(&agent.socket).is_err() {
             assert!(Instant::now() < deadline, "grove-agent did not listen");
             std::thread::sleep(Duration::from_millis(10));
         }
