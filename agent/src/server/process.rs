@@ -22,9 +22,10 @@ use crate::protocol::{ExitStatus, ProtocolError, Stream, MAX_OUTPUT_CHUNK_BYTES}
 /// Where a program's output goes, piece by piece; an error stops the program.
 pub(crate) type OutputSink<'a> = dyn FnMut(Stream, &[u8]) -> Result<(), ProtocolError> + 'a;
 
-/// Reads per output pipe once the program has exited (bounds the final drain when a
-/// background process keeps writing; 16 reads hold far more than a pipe buffers).
-const DRAIN_READS: usize = 16;
+/// Reads per output pipe once the program has exited: bounds the final drain when a
+/// background process keeps writing. 64 reads of 32 KiB hold 2 MiB, more than a pipe
+/// buffers even when enlarged to the unprivileged maximum (1 MiB).
+const DRAIN_READS: usize = 64;
 
 /// Why a program's run ended without an exit status to report.
 #[derive(Debug, thiserror::Error)]
