@@ -9,7 +9,11 @@
  * 3. Prints GROVE-INIT-READY on the console.
  * 4. If the kernel command line has the word grove.bench=boot, syncs and resets the machine
  *    (the VMM treats the reset as a clean exit).
- * 5. Otherwise hands over to the busybox script /etc/grove/rc (console shell, reset on exit).
+ * 5. Starts the guest agent /usr/bin/grove-agent in its own session (fork + exec, not waited
+ *    for): the earliest point where /proc, /run and /tmp exist, and it runs while the shell
+ *    below loads busybox, so the host can reach the agent as early as possible.
+ * 6. Hands over to the busybox script /etc/grove/rc (network defaults, console shell, reset
+ *    on exit).
  * If anything fails it says so on the console and resets, rather than leaving a hung guest.
  */
 typedef unsigned long u64;
@@ -20,7 +24,10 @@ typedef long i64;
 #define SYS_open 2
 #define SYS_close 3
 #define SYS_pwrite64 18
+#define SYS_fork 57
 #define SYS_execve 59
+#define SYS_setsid 112
+#define SYS_exit_group 231
 #define SYS_sync 162
 #define SYS_mount 165
 #define SYS_reboot 169
@@ -81,6 +88,24 @@ static int has_word(const char *s, const char *word) {
     return 0;
 }
 
+/* Starts the guest agent in a child process with its own session (so console job control
+ * never signals it) and a fixed environment; the agent's commands inherit it. A failure is
+ * reported on the console and boot goes on: the console still works without the agent. */
+static void start_agent(void) {
+    i64 pid = sys(SYS_fork, 0, 0, 0, 0, 0);
+    if (pid < 0) {
+        say("grove-init: cannot fork for grove-agent\n");
+        return;
+    }
+    if (pid > 0) return;
+    sys(SYS_setsid, 0, 0, 0, 0, 0);
+    char *argv[] = {"grove-agent", 0};
+    char *env[] = {"PATH=/sbin:/usr/sbin:/bin:/usr/bin", "HOME=/root", 0};
+    sys(SYS_execve, (i64)"/usr/bin/grove-agent", (i64)argv, (i64)env, 0, 0);
+    say("grove-init: exec /usr/bin/grove-agent failed\n");
+    sys(SYS_exit_group, 127, 0, 0, 0, 0);
+}
+
 void grove_init(char **envp) {
     i64 fd = sys(SYS_open, (i64)"/dev/port", O_WRONLY, 0, 0, 0);
     if (fd >= 0) {
@@ -105,6 +130,8 @@ void grove_init(char **envp) {
         sys(SYS_close, cfd, 0, 0, 0, 0);
     }
     if (has_word(cmdline, "grove.bench=boot")) reset();
+
+    start_agent();
 
     char *argv[] = {"sh", "/etc/grove/rc", 0};
     sys(SYS_execve, (i64)"/bin/sh", (i64)argv, (i64)envp, 0, 0);

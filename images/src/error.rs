@@ -130,6 +130,47 @@ pub enum ImagesError {
         mismatches: Vec<ConfigMismatch>,
     },
 
+    /// No cargo to build the guest agent with.
+    #[error(
+        "cargo not found (neither $CARGO nor `cargo` in PATH): the root filesystem's grove-agent \
+         is built with the workspace's Rust toolchain (rustup, rust-toolchain.toml)"
+    )]
+    NoCargo,
+
+    /// The agent's sources are not where this grove-images was compiled.
+    #[error(
+        "the grove-agent sources are not in {}: the root filesystem is built from the source \
+         tree grove-images was compiled in; run `{BUILD_COMMAND}` there",
+        workspace.display()
+    )]
+    AgentSourcesMissing {
+        /// The workspace grove-images was compiled in.
+        workspace: PathBuf,
+    },
+
+    /// The agent's sources on disk differ from those embedded in (and keyed by) grove-images.
+    #[error(
+        "{} changed since grove-images was compiled, so the image key would not match the \
+         agent built from it: run `{BUILD_COMMAND}` (cargo rebuilds grove-images first)",
+        path.display()
+    )]
+    AgentSourcesChanged {
+        /// The first file found to differ (or to be new).
+        path: PathBuf,
+    },
+
+    /// The Rust compiler the agent would be built with is not the one the key names.
+    #[error(
+        "grove-images was compiled with `{compiled_with}`, but the agent would be built with \
+         `{found}`: run `{BUILD_COMMAND}` with the workspace's toolchain (rust-toolchain.toml)"
+    )]
+    RustcChanged {
+        /// `rustc -V` embedded at compile time.
+        compiled_with: String,
+        /// `rustc -V` now.
+        found: String,
+    },
+
     /// A build step produced something unexpected.
     #[error("{0}")]
     Unexpected(String),

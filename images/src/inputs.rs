@@ -1,10 +1,12 @@
-//! The committed build inputs under `images/kernel/` and `images/rootfs/`,
-//! embedded at compile time by `build.rs`.
+//! The committed build inputs under `images/kernel/` and `images/rootfs/`, and those of
+//! the guest agent (`agent/`, the workspace manifest and lock file), embedded at compile
+//! time by `build.rs`.
 
 /// One committed input file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Input {
-    /// Path relative to `images/`, `/`-separated, e.g. `kernel/microvm.fragment`.
+    /// Path relative to `images/`, `/`-separated, e.g. `kernel/microvm.fragment` or
+    /// `../agent/src/main.rs`.
     pub path: &'static str,
     /// The file's contents.
     pub contents: &'static [u8],
@@ -34,4 +36,10 @@ pub(crate) fn kernel() -> Vec<Input> {
 /// Inputs of the root filesystem build (`rootfs/...`).
 pub(crate) fn rootfs() -> Vec<Input> {
     under("rootfs/")
+}
+
+/// Inputs of the guest agent build (`../agent/...`, `../Cargo.lock`, ...), which are
+/// inputs of the root filesystem too.
+pub(crate) fn agent() -> Vec<Input> {
+    AGENT_INPUTS.to_vec()
 }

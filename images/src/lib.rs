@@ -1,6 +1,6 @@
 //! Grove's default guest image set: a Linux 6.1 microVM kernel (`vmlinux`
 //! with the PVH entry note, and `bzImage`) plus an ext4 root filesystem with
-//! static busybox and the project's init.
+//! static busybox, the project's init and the guest agent (`grove-agent`).
 //!
 //! Images are built from committed inputs (`images/kernel/`, `images/rootfs/`)
 //! and Debian packages, into a cache directory outside the repository, under
@@ -8,6 +8,7 @@
 //! a quick no-op when everything is cached; [`locate_default`] only looks.
 //! See `images/README.md`.
 
+mod agent;
 mod apt;
 mod cmd;
 mod error;
@@ -86,6 +87,9 @@ struct Plan {
     packages: apt::Candidates,
     /// The C compiler builds the kernel and the init: its version is an input too.
     toolchain: key::PackageVersion,
+    /// The Rust compiler and the recipe that build the guest agent (rootfs inputs).
+    rustc: key::PackageVersion,
+    agent_recipe: key::PackageVersion,
     kernel_key: String,
     rootfs_key: String,
     set_key: String,
@@ -100,15 +104,26 @@ impl Plan {
             &[packages.kernel_source.clone(), toolchain.clone()],
             &inputs::kernel(),
         );
+        // The agent's inputs go into the rootfs key only: a change to the agent rebuilds
+        // the root filesystem, never the kernel.
+        let rustc = agent::rustc_version();
+        let agent_recipe = agent::recipe();
         let rootfs_key = key::component_key(
             "rootfs",
-            &[packages.busybox.clone(), toolchain.clone()],
-            &inputs::rootfs(),
+            &[
+                packages.busybox.clone(),
+                toolchain.clone(),
+                rustc.clone(),
+                agent_recipe.clone(),
+            ],
+            &[inputs::rootfs(), inputs::agent()].concat(),
         );
         let set_key = key::set_key(&kernel_key, &rootfs_key);
         Ok(Self {
             packages,
             toolchain,
+            rustc,
+            agent_recipe,
             kernel_key,
             rootfs_key,
             set_key,
@@ -133,6 +148,8 @@ impl Plan {
             &self.packages.kernel_source,
             &self.packages.busybox,
             &self.toolchain,
+            &self.rustc,
+            &self.agent_recipe,
         ]
         .into_iter()
         .map(|p| Package {
@@ -143,6 +160,7 @@ impl Plan {
         let inputs = inputs::kernel()
             .into_iter()
             .chain(inputs::rootfs())
+            .chain(inputs::agent())
             .map(|input| InputFile {
                 path: input.path.to_owned(),
                 sha256: key::sha256_hex(input.contents),

@@ -22,20 +22,23 @@ pub struct Manifest {
     pub kernel_key: String,
     /// Key of the root filesystem component.
     pub rootfs_key: String,
-    /// Debian packages the set was built from.
+    /// Debian packages the set was built from, plus the tools whose identity is a key
+    /// input: the C compiler (`cc`), the Rust compiler (`rustc`) and the grove-agent build
+    /// recipe (`grove-agent build`).
     pub packages: Vec<Package>,
-    /// Committed input files (relative to `images/`) and their SHA-256.
+    /// Committed input files (relative to `images/`; the agent's as `../agent/...`,
+    /// `../Cargo.lock`, ...) and their SHA-256.
     pub inputs: Vec<InputFile>,
     /// The files of the set.
     pub artefacts: Vec<Artefact>,
 }
 
-/// A Debian package and version.
+/// A Debian package (or tool) and its version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Package {
     /// Package name.
     pub name: String,
-    /// Debian version.
+    /// Debian version (for a tool: its version line, or the recipe).
     pub version: String,
 }
 

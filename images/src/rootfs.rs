@@ -1,6 +1,6 @@
 //! The root filesystem: static busybox, its applet links, the committed init
-//! and /etc files, as a reproducible ext4 image built without root privileges
-//! (stage a directory, `mkfs.ext4 -d`, then fix owners and times with debugfs).
+//! and /etc files, the guest agent, as a reproducible ext4 image built without root
+//! privileges (stage a directory, `mkfs.ext4 -d`, then fix owners and times with debugfs).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, FileTimes};
@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::agent;
 use crate::apt;
 use crate::cmd::{self, progress};
 use crate::error::ImagesError;
@@ -29,11 +30,13 @@ const HASH_SEED: &str = "0b7e4d29-6a13-4f85-b2c7-1d9e8f305a64";
 pub(crate) const EPOCH: u64 = 1_704_067_200;
 
 /// Directories of the image and their modes (parents before children).
-const DIRS: [(&str, u32); 14] = [
+const DIRS: [(&str, u32); 15] = [
     ("bin", 0o755),
     ("dev", 0o755),
     ("etc", 0o755),
     ("etc/grove", 0o755),
+    // The post-clone hooks run by grove-agent's `run_hooks` (empty in the default image).
+    (HOOKS_DIR, 0o755),
     ("mnt", 0o755),
     ("proc", 0o555),
     ("root", 0o700),
@@ -45,6 +48,9 @@ const DIRS: [(&str, u32); 14] = [
     ("usr/bin", 0o755),
     ("usr/sbin", 0o755),
 ];
+
+/// The post-clone hooks directory (`agent::server::HOOKS_DIR` in the agent crate).
+pub(crate) const HOOKS_DIR: &str = "etc/grove/hooks.d";
 
 /// `busybox --list-full` entries that are not installed as applet links.
 /// `linuxrc` is for initrds; the others are replaced by committed files.
@@ -99,6 +105,7 @@ fn compile_program(
 /// Programs used by the root filesystem build.
 pub(crate) struct Tools {
     cc: PathBuf,
+    cargo: PathBuf,
     dpkg_deb: PathBuf,
     tar: PathBuf,
     mkfs: PathBuf,
@@ -111,6 +118,7 @@ pub(crate) fn check_tools() -> Result<Tools, ImagesError> {
     cmd::require_tool("apt-get", "apt")?;
     Ok(Tools {
         cc: cmd::require_tool("cc", "gcc")?,
+        cargo: agent::find_cargo()?,
         dpkg_deb: cmd::require_tool("dpkg-deb", "dpkg")?,
         tar: cmd::require_tool("tar", "tar")?,
         mkfs: cmd::require_tool("mkfs.ext4", "e2fsprogs")?,
@@ -162,6 +170,7 @@ fn plan(applets: &str, inputs: &[Input]) -> Result<BTreeMap<String, Entry>, Imag
         entries.insert(dir.to_owned(), Entry::Dir(mode));
     }
     entries.insert("bin/busybox".to_owned(), Entry::File(0o755));
+    entries.insert(agent::IMAGE_PATH.to_owned(), Entry::File(0o755));
     for input in inputs {
         for (dest, mode) in destinations(input.path)? {
             entries.insert(dest, Entry::File(mode));
@@ -243,6 +252,8 @@ pub(crate) fn build(
         let binary = compile_program(&tools.cc, &work, source, input.contents)?;
         binaries.insert(dest.to_owned(), binary);
     }
+    let agent_binary = agent::build(&tools.cargo, &work.join("grove-agent.log"))?;
+    binaries.insert(agent::IMAGE_PATH.to_owned(), agent_binary);
     let root = work.join("root");
     stage(&root, &entries, &busybox_bin, &binaries, &inputs)?;
 
@@ -417,6 +428,7 @@ fn verify(tools: &Tools, image: &Path) -> Result<(), ImagesError> {
     for path in [
         "/sbin/init",
         "/usr/bin/grove-disktool",
+        "/usr/bin/grove-agent",
         "/bin/busybox",
         "/etc/passwd",
     ] {
@@ -516,6 +528,101 @@ mod tests {
         let entries = plan("", &inputs::rootfs()).expect("valid plan");
         assert_eq!(entries["usr/bin/grove-disktool"], Entry::File(0o755));
         assert_eq!(entries["sbin/init"], Entry::File(0o755));
+        assert_eq!(entries["usr/bin/grove-agent"], Entry::File(0o755));
+        assert_eq!(entries["etc/grove/hooks.d"], Entry::Dir(0o755));
+    }
+
+    /// Builds a root filesystem into a temporary directory (busybox from the shared
+    /// download cache; the agent through the nested cargo, as a real build does, from
+    /// inside `cargo test`) and checks what the image holds: a static grove-agent that
+    /// answers a ping, the empty hooks directory, and an init that starts the agent.
+    #[test]
+    fn rootfs_has_static_agent_and_hooks_dir() {
+        let cache = crate::default_cache_dir().expect("cache dir");
+        cmd::create_dir_all(&cache).expect("cache dir");
+        let busybox = apt::candidates(&cache).expect("apt candidates").busybox;
+        let tools = check_tools().expect("build tools");
+        let work = std::env::temp_dir().join(format!("grove-rootfs-test.{}", std::process::id()));
+        cmd::remove_dir_if_exists(&work).expect("clean");
+        cmd::create_dir_all(&work).expect("work dir");
+        let out = work.join("rootfs");
+        build(&cache, &out, &busybox, &tools).expect("rootfs builds");
+        let image = out.join(IMAGE);
+
+        let debugfs = |request: &str| {
+            cmd::run_captured(
+                Command::new(&tools.debugfs)
+                    .arg("-R")
+                    .arg(request)
+                    .arg(&image),
+                "debugfs",
+            )
+            .expect("debugfs")
+        };
+        let stat = debugfs("stat /usr/bin/grove-agent");
+        assert!(stat.contains("Type: regular"), "{stat}");
+        assert!(stat.contains("Mode:  0755"), "{stat}");
+        let agent_copy = work.join("grove-agent");
+        debugfs(&format!(
+            "dump /usr/bin/grove-agent {}",
+            agent_copy.display()
+        ));
+        let bytes = fs::read(&agent_copy).expect("dumped agent");
+        assert_eq!(agent::is_static_elf(&bytes), Ok(true), "no PT_INTERP");
+
+        let stat = debugfs("stat /etc/grove/hooks.d");
+        assert!(stat.contains("Type: directory"), "{stat}");
+        let listing = debugfs("ls -p /etc/grove/hooks.d");
+        let names: Vec<&str> = listing
+            .lines()
+            .filter_map(|line| line.split('/').nth(5))
+            .filter(|name| !name.is_empty())
+            .collect();
+        assert_eq!(names, [".", ".."], "empty: {listing}");
+
+        let init_copy = work.join("init");
+        debugfs(&format!("dump /sbin/init {}", init_copy.display()));
+        let init = fs::read(&init_copy).expect("dumped init");
+        assert!(
+            init.windows(20).any(|w| w == b"/usr/bin/grove-agent"),
+            "init starts the agent"
+        );
+
+        // The binary from the image runs here too (it is static): one ping over a Unix
+        // socket.
+        fs::set_permissions(&agent_copy, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let socket = work.join("agent.sock");
+        let mut child = Command::new(&agent_copy)
+            .arg("--listen-unix")
+            .arg(&socket)
+            .spawn()
+            .expect("start the image's agent");
+        // The socket file appears at bind(2), a moment before listen(2): retry.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let connected = loop {
+            match std::os::unix::net::UnixStream::connect(&socket) {
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                result => break result,
+            }
+        };
+        let reply = connected.and_then(|mut stream| {
+            use std::io::{Read, Write};
+            let ping = br#"{"v":1,"op":"ping"}"#;
+            stream.write_all(&(ping.len() as u32).to_be_bytes())?;
+            stream.write_all(ping)?;
+            let mut len = [0u8; 4];
+            stream.read_exact(&mut len)?;
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+            stream.read_exact(&mut body)?;
+            Ok(String::from_utf8_lossy(&body).into_owned())
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        let reply = reply.expect("ping the image's agent");
+        assert!(reply.starts_with(r#"{"op":"pong","version":1,"#), "{reply}");
+        cmd::remove_dir_if_exists(&work).expect("remove work dir");
     }
 
     /// Compiles `rootfs/grove-disktool.c` for the host with the image's flags and runs it

@@ -1,0 +1,266 @@
+//! The host side: a blocking client for one agent connection.
+//!
+//! [`Client::connect_uds`] goes through the VMM's vsock Unix socket (Firecracker's
+//! convention: connect, write `CONNECT <port>\n`, read `OK <host port>\n`, then the stream is
+//! the guest's). [`Client::connect_stream`] takes any connected byte stream (tests use a
+//! socketpair). A client sends any number of requests on its connection, one after another;
+//! each method returns when its request is fully answered. After an error response the
+//! connection stays usable; after an I/O or protocol error it should be dropped.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::protocol::{
+    recv_response, send_request, ClockRequest, ErrorInfo, ExecRequest, ExitStatus, HookResult,
+    IdentityRequest, Pong, ProtocolError, ReadFileRequest, Request, ReseedRequest, Response,
+    RunHooksRequest, Stream, WriteFileRequest,
+};
+
+/// The longest handshake reply line accepted (`OK ` + a 32-bit port + newline fits easily).
+const MAX_HANDSHAKE_LINE: usize = 64;
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the vsock socket {}", .0.display())]
+    Connect(PathBuf, #[source] io::Error),
+    #[error(
+        "the VMM refused the vsock connection to port {port} ({reply}): \
+         is the agent running and listening there yet?"
+    )]
+    Refused {
+        /// The guest port asked for.
+        port: u32,
+        /// What the VMM answered (or "connection closed").
+        reply: String,
+    },
+    #[error("timed out waiting for the agent")]
+    Timeout(#[source] io::Error),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("the agent closed the connection before answering {0}")]
+    Closed(&'static str),
+    #[error("the agent answered {request} with an unexpected {response} frame")]
+    Unexpected {
+        request: &'static str,
+        response: &'static str,
+    },
+    #[error("the agent refused {request}: {} ({:?})", .error.message, .error.code)]
+    Agent {
+        request: &'static str,
+        error: ErrorInfo,
+    },
+}
+
+impl ClientError {
+    /// The agent's error response, if this is one.
+    pub fn agent_error(&self) -> Option<&ErrorInfo> {
+        match self {
+            Self::Agent { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// Maps a timed-out read or write to [`ClientError::Timeout`].
+fn io_error(e: io::Error) -> ClientError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout(e),
+        _ => ClientError::Protocol(ProtocolError::Io(e)),
+    }
+}
+
+fn protocol_error(e: ProtocolError) -> ClientError {
+    match e {
+        ProtocolError::Io(e) => io_error(e),
+        other => ClientError::Protocol(other),
+    }
+}
+
+/// A connection to the agent.
+#[derive(Debug)]
+pub struct Client<S> {
+    stream: S,
+}
+
+impl Client<UnixStream> {
+    /// Connects through the VMM's vsock Unix socket at `path` to guest port `port` (the
+    /// agent's is [`crate::AGENT_PORT`]). `timeout` bounds the handshake and then every
+    /// single read and write on the connection, i.e. the longest silence accepted from the
+    /// agent (an `exec` of a program that prints nothing for longer fails with
+    /// [`ClientError::Timeout`]); change it with [`Client::set_timeout`].
+    pub fn connect_uds(path: &Path, port: u32, timeout: Duration) -> Result<Self, ClientError> {
+        let mut stream =
+            UnixStream::connect(path).map_err(|e| ClientError::Connect(path.to_owned(), e))?;
+        let set = |s: &UnixStream| -> io::Result<()> {
+            s.set_read_timeout(Some(timeout))?;
+            s.set_write_timeout(Some(timeout))
+        };
+        set(&stream).map_err(|e| ClientError::Connect(path.to_owned(), e))?;
+        stream
+            .write_all(format!("CONNECT {port}\n").as_bytes())
+            .map_err(io_error)?;
+        // Byte by byte: nothing after the newline may be consumed here.
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            match stream.read(&mut byte) {
+                Ok(0) => {
+                    return Err(ClientError::Refused {
+                        port,
+                        reply: "connection closed".to_owned(),
+                    })
+                }
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) if line.len() < MAX_HANDSHAKE_LINE => line.push(byte[0]),
+                Ok(_) => {
+                    return Err(ClientError::Refused {
+                        port,
+                        reply: format!("{}...", String::from_utf8_lossy(&line)),
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error(e)),
+            }
+        }
+        let reply = String::from_utf8_lossy(&line).into_owned();
+        let accepted = reply
+            .strip_prefix("OK ")
+            .is_some_and(|n| n.parse::<u32>().is_ok());
+        if !accepted {
+            return Err(ClientError::Refused { port, reply });
+        }
+        Ok(Self { stream })
+    }
+
+    /// Changes the read/write timeout of the connection (`None`: wait forever).
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.stream
+            .set_read_timeout(timeout)
+            .and_then(|()| self.stream.set_write_timeout(timeout))
+            .map_err(|e| ClientError::Protocol(ProtocolError::Io(e)))
+    }
+}
+
+impl<S: Read + Write> Client<S> {
+    /// A client on an already connected stream to the agent (no handshake).
+    pub fn connect_stream(stream: S) -> Self {
+        Self { stream }
+    }
+
+    /// The underlying stream.
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+
+    /// Sends `request` and reads the next response frame.
+    fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
+        send_request(&mut self.stream, request).map_err(protocol_error)?;
+        self.next(request.op())
+    }
+
+    /// The next response frame to `op`; an `error` frame becomes [`ClientError::Agent`].
+    fn next(&mut self, op: &'static str) -> Result<Response, ClientError> {
+        match recv_response(&mut self.stream).map_err(protocol_error)? {
+            None => Err(ClientError::Closed(op)),
+            Some(Response::Error(error)) => Err(ClientError::Agent { request: op, error }),
+            Some(response) => Ok(response),
+        }
+    }
+
+    fn expect_ok(&mut self, request: &Request) -> Result<(), ClientError> {
+        match self.call(request)? {
+            Response::Ok {} => Ok(()),
+            other => Err(unexpected(request, &other)),
+        }
+    }
+
+    /// `ping`: the agent's protocol and crate version.
+    pub fn ping(&mut self) -> Result<Pong, ClientError> {
+        let request = Request::Ping {};
+        match self.call(&request)? {
+            Response::Pong(pong) => Ok(pong),
+            other => Err(unexpected(&request, &other)),
+        }
+    }
+
+    /// `exec`: runs a program, passing its output to `on_output` as it arrives, and returns
+    /// how it ended.
+    pub fn exec(
+        &mut self,
+        request: &ExecRequest,
+        mut on_output: impl FnMut(Stream, &[u8]),
+    ) -> Result<ExitStatus, ClientError> {
+        let request = Request::Exec(request.clone());
+        let mut response = self.call(&request)?;
+        loop {
+            match response {
+                Response::Output { stream, data } => on_output(stream, &data),
+                Response::Exit(status) => return Ok(status),
+                other => return Err(unexpected(&request, &other)),
+            }
+            response = self.next(request.op())?;
+        }
+    }
+
+    /// `read_file`: the contents of an absolute guest path.
+    pub fn read_file(&mut self, path: &str) -> Result<Vec<u8>, ClientError> {
+        let request = Request::ReadFile(ReadFileRequest {
+            path: path.to_owned(),
+        });
+        match self.call(&request)? {
+            Response::File { data } => Ok(data),
+            other => Err(unexpected(&request, &other)),
+        }
+    }
+
+    /// `write_file`: creates or replaces an absolute guest path.
+    pub fn write_file(
+        &mut self,
+        path: &str,
+        data: &[u8],
+        mode: Option<u32>,
+    ) -> Result<(), ClientError> {
+        self.expect_ok(&Request::WriteFile(WriteFileRequest {
+            path: path.to_owned(),
+            data: data.to_vec(),
+            mode,
+        }))
+    }
+
+    /// `identity`: hostname, machine-id and optionally the address.
+    pub fn identity(&mut self, request: &IdentityRequest) -> Result<(), ClientError> {
+        self.expect_ok(&Request::Identity(request.clone()))
+    }
+
+    /// `reseed`: mixes `entropy` into the guest kernel's pool and resets the seed files.
+    pub fn reseed(&mut self, entropy: &[u8]) -> Result<(), ClientError> {
+        self.expect_ok(&Request::Reseed(ReseedRequest {
+            entropy: entropy.to_vec(),
+        }))
+    }
+
+    /// `clock`: sets the guest's wall clock.
+    pub fn clock(&mut self, unix_nanos: u64) -> Result<(), ClientError> {
+        self.expect_ok(&Request::Clock(ClockRequest { unix_nanos }))
+    }
+
+    /// `run_hooks`: runs the post-clone hooks (each limited to `timeout_ms`, default
+    /// [`crate::protocol::DEFAULT_HOOK_TIMEOUT_MS`]) and returns every result in order.
+    pub fn run_hooks(&mut self, timeout_ms: Option<u64>) -> Result<Vec<HookResult>, ClientError> {
+        let request = Request::RunHooks(RunHooksRequest { timeout_ms });
+        match self.call(&request)? {
+            Response::Hooks { results } => Ok(results),
+            other => Err(unexpected(&request, &other)),
+        }
+    }
+}
+
+fn unexpected(request: &Request, response: &Response) -> ClientError {
+    ClientError::Unexpected {
+        request: request.op(),
+        response: response.op(),
+    }
+}
