@@ -3,8 +3,11 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use vmm::disk::DiskFormat;
+
+use crate::model::HookResult;
 
 /// A VM to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +38,68 @@ pub struct Frozen {
 
 pub type BResult<T> = Result<T, String>;
 
+/// Who a guest is told it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestIdentity {
+    pub hostname: String,
+    /// 32 lowercase hex digits, new for every environment.
+    pub machine_id: String,
+}
+
+/// What the guest agent must acknowledge before an environment is ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepare {
+    pub identity: GuestIdentity,
+    /// A clone: also mix `entropy` into the guest's pool, set its clock from the host's and
+    /// run its post-clone hooks.
+    pub clone: Option<CloneSteps>,
+    /// How long to wait for the agent to answer at all.
+    pub timeout: Duration,
+}
+
+/// The steps that make a clone unique beyond its identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneSteps {
+    /// Fresh host entropy for the guest's pool.
+    pub entropy: Vec<u8>,
+}
+
+/// A command for the guest agent to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestCommand {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub stdin: Vec<u8>,
+    pub timeout: Duration,
+}
+
+/// The most output kept per stream of a guest command.
+pub const MAX_EXEC_OUTPUT: usize = 4 << 20;
+
+/// How a guest command ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GuestOutput {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    /// Output beyond [`MAX_EXEC_OUTPUT`] per stream was dropped.
+    pub truncated: bool,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Why the guest agent did not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentError {
+    /// It did not answer (not started, not installed, the VM is gone, a broken connection).
+    #[error("the guest agent did not answer: {0}")]
+    Unavailable(String),
+    /// It answered with an error: `code` is the agent's stable code (`not_found`, ...).
+    #[error("the guest agent refused: {message}")]
+    Guest { code: String, message: String },
+}
+
 pub trait Backend: Send + Sync + 'static {
     /// Creates the qcow2 overlay `path` on `backing`.
     fn create_overlay(&self, path: &Path, backing: &Path, format: DiskFormat) -> BResult<()>;
@@ -62,4 +127,32 @@ pub trait Backend: Send + Sync + 'static {
     fn console_input(&self, dir: &Path, input: &[u8]) -> BResult<()>;
     /// Deletes a file or directory tree (best effort; logs failures).
     fn remove(&self, path: &Path);
+
+    /// Waits (up to `prep.timeout`) for the guest agent of the VM in `dir` to answer, then has
+    /// it apply `prep`, in order: entropy, clock, identity, hooks. Returns the hooks' results.
+    fn agent_prepare(
+        &self,
+        dir: &Path,
+        prep: &Prepare,
+    ) -> impl Future<Output = Result<Vec<HookResult>, AgentError>> + Send;
+    /// Runs `cmd` in the guest.
+    fn agent_exec(
+        &self,
+        dir: &Path,
+        cmd: GuestCommand,
+    ) -> impl Future<Output = Result<GuestOutput, AgentError>> + Send;
+    /// Reads the guest file `path`.
+    fn agent_read_file(
+        &self,
+        dir: &Path,
+        path: &str,
+    ) -> impl Future<Output = Result<Vec<u8>, AgentError>> + Send;
+    /// Writes the guest file `path` (created with `mode`, or 0644).
+    fn agent_write_file(
+        &self,
+        dir: &Path,
+        path: &str,
+        data: Vec<u8>,
+        mode: Option<u32>,
+    ) -> impl Future<Output = Result<(), AgentError>> + Send;
 }

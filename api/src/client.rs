@@ -48,8 +48,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::error::ErrorBody;
+pub use crate::model::MAX_FILE;
 use crate::model::{
-    CreateEnvironment, CreateImage, Environment, EnvironmentCreated, Event, Image, Snapshot,
+    CreateEnvironment, CreateImage, Environment, EnvironmentCreated, Event, ExecRequest,
+    ExecResult, Image, Snapshot,
 };
 
 /// How long a TCP connect may take before the client gives up.
@@ -161,7 +163,9 @@ impl ClientError {
 pub type Result<T> = std::result::Result<T, ClientError>;
 
 /// The actions on an environment, the last part of their paths.
-const ACTIONS: [&str; 5] = ["pause", "resume", "snapshot", "sync", "console"];
+const ACTIONS: [&str; 7] = [
+    "pause", "resume", "snapshot", "sync", "console", "exec", "files",
+];
 
 /// Every route of the API, with its arguments.
 #[derive(Debug, Clone, Copy)]
@@ -191,6 +195,23 @@ pub enum Route<'a> {
         name: &'a str,
         input: &'a [u8],
     },
+    /// A command run in the guest through its agent.
+    Exec {
+        name: &'a str,
+        req: &'a ExecRequest,
+    },
+    /// A guest file (absolute `path`).
+    GetFile {
+        name: &'a str,
+        path: &'a str,
+    },
+    /// Writes a guest file, at most [`MAX_FILE`] bytes.
+    PutFile {
+        name: &'a str,
+        path: &'a str,
+        data: &'a [u8],
+        mode: Option<u32>,
+    },
     Events,
     Health,
     Metrics,
@@ -204,6 +225,7 @@ impl Route<'_> {
             | Route::ListEnvironments
             | Route::GetEnvironment(_)
             | Route::Console { .. }
+            | Route::GetFile { .. }
             | Route::Events
             | Route::Health
             | Route::Metrics => Method::GET,
@@ -213,7 +235,9 @@ impl Route<'_> {
             | Route::Resume(_)
             | Route::Snapshot(_)
             | Route::Sync(_)
-            | Route::ConsoleInput { .. } => Method::POST,
+            | Route::ConsoleInput { .. }
+            | Route::Exec { .. } => Method::POST,
+            Route::PutFile { .. } => Method::PUT,
             Route::DeleteImage(_) | Route::DeleteEnvironment { .. } => Method::DELETE,
         }
     }
@@ -255,6 +279,16 @@ impl Route<'_> {
                 env(name, &format!("/console?offset={offset}{follow}"))
             }
             Route::ConsoleInput { name, .. } => env(name, "/console"),
+            Route::Exec { name, .. } => env(name, "/exec"),
+            Route::GetFile { name, path } => {
+                env(name, &format!("/files?path={}", encode_query(path)))
+            }
+            Route::PutFile {
+                name, path, mode, ..
+            } => {
+                let mode = mode.map_or(String::new(), |m| format!("&mode={m:o}"));
+                env(name, &format!("/files?path={}{mode}", encode_query(path)))
+            }
             Route::Events => "/v1/events".to_string(),
             Route::Health => "/healthz".to_string(),
             Route::Metrics => "/metrics".to_string(),
@@ -266,14 +300,24 @@ impl Route<'_> {
         let json = match self {
             Route::CreateImage(req) => serde_json::to_vec(req),
             Route::CreateEnvironment(req) => serde_json::to_vec(req),
+            Route::Exec { req, .. } => serde_json::to_vec(req),
             Route::ConsoleInput { input, .. } => {
                 return Ok(Some((input.to_vec(), "application/octet-stream")))
+            }
+            Route::PutFile { data, .. } => {
+                return Ok(Some((data.to_vec(), "application/octet-stream")))
             }
             _ => return Ok(None),
         };
         json.map(|body| Some((body, "application/json")))
             .map_err(ClientError::Encode)
     }
+}
+
+/// Percent-encodes a query value: every byte but the unreserved characters
+/// (`A-Z a-z 0-9 - . _ ~`) and `/`.
+pub fn encode_query(value: &str) -> String {
+    encode_name(value)
 }
 
 /// Percent-encodes a name for a path: every byte but the unreserved characters
@@ -432,6 +476,34 @@ impl Client {
             self.request(Route::ConsoleInput { name, input }).await?;
         }
         Ok(())
+    }
+
+    /// Runs a command in the guest (its output comes back whole, base64).
+    pub async fn exec(&self, name: &str, req: &ExecRequest) -> Result<ExecResult> {
+        self.json(Route::Exec { name, req }).await
+    }
+
+    /// Reads a guest file.
+    pub async fn read_file(&self, name: &str, path: &str) -> Result<Bytes> {
+        self.request(Route::GetFile { name, path }).await
+    }
+
+    /// Writes a guest file (at most [`MAX_FILE`] bytes), created with `mode` or 0644.
+    pub async fn write_file(
+        &self,
+        name: &str,
+        path: &str,
+        data: &[u8],
+        mode: Option<u32>,
+    ) -> Result<()> {
+        self.request(Route::PutFile {
+            name,
+            path,
+            data,
+            mode,
+        })
+        .await
+        .map(drop)
     }
 
     /// State changes from now on.

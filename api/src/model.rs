@@ -85,6 +85,13 @@ pub struct CreateEnvironment {
     pub vcpus: Option<u8>,
     #[serde(default)]
     pub memory_mib: Option<u64>,
+    /// Whether the guest runs Grove's agent (the default image does). When it does, the
+    /// answer waits until the agent has acknowledged the environment's identity (and, for a
+    /// branch, the reseed, the clock and the post-clone hooks). `false` skips all of that:
+    /// the environment is answered as soon as its VM runs, and a branch of it is not made
+    /// unique.
+    #[serde(default)]
+    pub agent: Option<bool>,
 }
 
 /// How long a branch took.
@@ -108,6 +115,72 @@ pub struct EnvironmentCreated {
     pub environment: Environment,
     /// Present when the environment was branched.
     pub branch: Option<BranchTimings>,
+    /// Present when the guest agent made the environment ready.
+    #[serde(default)]
+    pub ready: Option<Readiness>,
+}
+
+/// What the guest agent did before the environment was reported ready.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Readiness {
+    /// From the VM running to the agent acknowledging the last step.
+    pub ready_ms: f64,
+    /// The hostname the guest now has (the environment's name, made a valid hostname).
+    pub hostname: String,
+    /// Whether fresh host entropy was mixed into the guest's pool and its clock set (branches).
+    pub reseeded: bool,
+    /// The post-clone hooks, in the order they ran (branches).
+    pub hooks: Vec<HookResult>,
+}
+
+/// One post-clone hook (`/etc/grove/hooks.d/*` in the guest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookResult {
+    pub name: String,
+    /// `None` when it was killed by a signal or timed out.
+    pub exit_code: Option<i32>,
+    /// The tail of its output.
+    pub output: String,
+}
+
+/// The largest guest file `PUT /v1/environments/{name}/files` takes (one agent frame).
+pub const MAX_FILE: usize = 512 * 1024;
+
+/// `POST /v1/environments/{name}/exec`: a command to run in the guest, through its agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments; the program is looked up in the guest's `PATH`.
+    pub argv: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Standard input, base64.
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Killed after this long (default 60 s, at most 3600 s).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// How a command run in the guest ended, and what it printed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecResult {
+    /// `None` when it was killed by a signal (see `signal`).
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    /// Output beyond 4 MiB per stream was dropped.
+    pub truncated: bool,
+    /// Standard output, base64.
+    pub stdout: String,
+    /// Standard error, base64.
+    pub stderr: String,
 }
 
 /// A snapshot of an environment: memory and disk at one instant.

@@ -44,9 +44,44 @@ pub fn validate(kind: &str, name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The hostname a guest gets for environment `name`: lowercase letters, digits and `-`
+/// (every other character becomes `-`), no leading or trailing `-`, at most 63 characters
+/// (one DNS label); `grove` if nothing is left.
+pub fn hostname_for(name: &str) -> String {
+    let mapped: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let mut label = mapped.trim_matches('-').to_string();
+    label.truncate(63);
+    let label = label.trim_end_matches('-');
+    if label.is_empty() {
+        "grove".to_string()
+    } else {
+        label.to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::validate;
+    use super::{hostname_for, validate};
+
+    #[test]
+    fn hostnames_are_dns_labels() {
+        assert_eq!(hostname_for("main"), "main");
+        assert_eq!(hostname_for("feature/X_1.2"), "feature-x-1-2");
+        assert_eq!(hostname_for("_x_"), "x");
+        assert_eq!(hostname_for("___"), "grove");
+        let long = format!("{}-b", "a".repeat(62));
+        assert_eq!(hostname_for(&long), "a".repeat(62));
+        assert_eq!(hostname_for(&"b".repeat(100)).len(), 63);
+    }
 
     #[test]
     fn branch_like_names_pass() {

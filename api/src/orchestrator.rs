@@ -7,7 +7,7 @@
 //! DATA/grove.db                the state (SQLite)
 //! DATA/envs/<id>/              one per environment (by database id, never by name):
 //!     disk.qcow2               its overlay; frozen layers `disk@s<id>-<n>.qcow2` beside it
-//!     control.sock console.log vmm.log vm.json
+//!     control.sock console.log vmm.log vm.json vsock.sock
 //! DATA/snapshots/s<id>-<n>/    snapshots (memory and state; the disk is the frozen layer)
 //! ```
 //!
@@ -20,16 +20,18 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast;
 use vmm::disk::DiskFormat;
 
-use crate::backend::{Backend, VmSpec};
+use crate::backend::{
+    AgentError, Backend, CloneSteps, GuestCommand, GuestIdentity, Prepare, VmSpec, MAX_EXEC_OUTPUT,
+};
 use crate::error::ApiError;
 use crate::model::{
     BranchTimings, CreateEnvironment, CreateImage, EnvState, Environment, EnvironmentCreated,
-    Event, Image, Snapshot,
+    Event, ExecRequest, ExecResult, Image, Readiness, Snapshot,
 };
 use crate::names;
 use crate::service::{Result, Service};
@@ -38,6 +40,14 @@ use crate::supervisor::{CONSOLE, DISK};
 
 pub const DEFAULT_VCPUS: u8 = 1;
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
+/// How long a booting guest's agent may take to answer (a real boot takes ~20 s on the
+/// emulated CI hosts, ~0.1 s on bare metal).
+pub const BOOT_AGENT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a clone's agent may take to answer after the restore (it was running already).
+pub const CLONE_AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default and the longest time a guest command may run.
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
 
 fn now() -> u64 {
     SystemTime::now()
@@ -48,6 +58,47 @@ fn now() -> u64 {
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
+}
+
+/// `n` bytes from the host's CSPRNG.
+fn host_random(n: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(|e| ApiError::internal(format!("cannot read host entropy: {e}")))?;
+    Ok(buf)
+}
+
+/// A guest path for the file routes: absolute, no NUL, at most 4096 bytes.
+fn check_guest_path(path: &str) -> Result<()> {
+    if !path.starts_with('/') || path.contains('\0') || path.len() > 4096 {
+        return Err(ApiError::bad_request(format!(
+            "guest path {:?} must be absolute, without NUL, at most 4096 bytes",
+            path.chars().take(200).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+/// What the caller hears when the guest agent failed environment `name`.
+fn agent_api_error(name: &str, e: AgentError) -> ApiError {
+    match e {
+        AgentError::Unavailable(why) => ApiError::new(
+            504,
+            "agent_unavailable",
+            format!("the guest agent of environment {name} did not answer: {why}"),
+        ),
+        AgentError::Guest { code, message } => {
+            let status = match code.as_str() {
+                "not_found" => 404,
+                "invalid_argument" => 400,
+                "permission_denied" => 403,
+                _ => 502,
+            };
+            ApiError::new(status, "guest_error", format!("{name}: {message}"))
+        }
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -68,6 +119,7 @@ struct Metrics {
     restores: u64,
     restore_ms_sum: f64,
     boots: u64,
+    ready_ms_sum: f64,
 }
 
 /// How images are built (the default set); injected so tests need no kernel build.
@@ -322,6 +374,7 @@ impl<B: Backend> Orchestrator<B> {
             crate::supervisor::CONSOLE_IN,
             crate::supervisor::VMM_LOG,
             crate::supervisor::CONTROL,
+            crate::supervisor::VSOCK,
             "vm.json",
         ] {
             self.backend.remove(&row.dir.join(f));
@@ -377,6 +430,17 @@ impl<B: Backend> Orchestrator<B> {
                 row.pid = Some(running.pid);
                 self.store.update_env(&row)?;
                 self.watch(row.name.clone(), row.dir.clone(), running.pid);
+                let ready = match req.agent {
+                    Some(false) => None,
+                    _ => match self.make_ready(&row, false).await {
+                        Ok(ready) => Some(ready),
+                        Err(e) => {
+                            self.abandon(&row).await;
+                            self.emit("environment", &req.name, "deleted", None);
+                            return Err(e);
+                        }
+                    },
+                };
                 self.metrics
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -386,6 +450,7 @@ impl<B: Backend> Orchestrator<B> {
                 Ok(EnvironmentCreated {
                     environment: Self::public(&row),
                     branch: None,
+                    ready,
                 })
             }
             Err(e) => {
@@ -397,6 +462,82 @@ impl<B: Backend> Orchestrator<B> {
                 )))
             }
         }
+    }
+
+    /// Has the guest agent of the (running) environment `row` apply its identity and, for a
+    /// clone, fresh entropy, the host's clock and the post-clone hooks. A hook that fails
+    /// fails the environment (422): a clone whose scrub hook failed must not be handed out.
+    async fn make_ready(&self, row: &EnvRow, clone: bool) -> Result<Readiness> {
+        let started = Instant::now();
+        let hostname = names::hostname_for(&row.name);
+        let machine_id = host_random(16)?
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        let prep = Prepare {
+            identity: GuestIdentity {
+                hostname: hostname.clone(),
+                machine_id,
+            },
+            clone: if clone {
+                Some(CloneSteps {
+                    entropy: host_random(64)?,
+                })
+            } else {
+                None
+            },
+            timeout: if clone {
+                CLONE_AGENT_TIMEOUT
+            } else {
+                BOOT_AGENT_TIMEOUT
+            },
+        };
+        let hooks = self
+            .backend
+            .agent_prepare(&row.dir, &prep)
+            .await
+            .map_err(|e| agent_api_error(&row.name, e))?;
+        if let Some(failed) = hooks.iter().find(|h| h.exit_code != Some(0)) {
+            return Err(ApiError::new(
+                422,
+                "hook_failed",
+                format!(
+                    "post-clone hook {} of environment {} failed ({}): {}",
+                    failed.name,
+                    row.name,
+                    failed
+                        .exit_code
+                        .map_or("killed".to_string(), |c| format!("exit status {c}")),
+                    failed.output.trim_end()
+                ),
+            ));
+        }
+        let ready = Readiness {
+            ready_ms: ms(started),
+            hostname,
+            reseeded: clone,
+            hooks,
+        };
+        self.metrics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .ready_ms_sum += ready.ready_ms;
+        Ok(ready)
+    }
+
+    /// The running environment `name`'s directory, for a request to its agent.
+    fn agent_dir(&self, name: &str) -> Result<PathBuf> {
+        let row = self.env_row(name)?;
+        if row.state != EnvState::Running {
+            return Err(ApiError::conflict(format!(
+                "environment {name} is {}, not running",
+                serde_json::to_value(row.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(row.dir)
     }
 
     /// Snapshots running environment `parent` (under its lock) and records the snapshot and
@@ -516,16 +657,21 @@ impl<B: Backend> Orchestrator<B> {
         let result = async {
             let (snap, snapshot_ms) = self.take_snapshot(&from).await?;
             let restore_ms = self.restore_into(&mut row, &snap).await?;
-            Ok::<_, ApiError>(BranchTimings {
+            let timings = BranchTimings {
                 parent_pause_ms: snap.pause_ms,
                 snapshot_ms,
                 restore_ms,
                 total_ms: 0.0,
-            })
+            };
+            let ready = match req.agent {
+                Some(false) => None,
+                _ => Some(self.make_ready(&row, true).await?),
+            };
+            Ok::<_, ApiError>((timings, ready))
         }
         .await;
         match result {
-            Ok(mut timings) => {
+            Ok((mut timings, ready)) => {
                 timings.total_ms = ms(started);
                 {
                     let mut m = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
@@ -536,6 +682,7 @@ impl<B: Backend> Orchestrator<B> {
                 Ok(EnvironmentCreated {
                     environment: Self::public(&row),
                     branch: Some(timings),
+                    ready,
                 })
             }
             Err(e) => {
@@ -588,6 +735,7 @@ impl<B: Backend> Orchestrator<B> {
             crate::supervisor::CONSOLE_IN,
             crate::supervisor::VMM_LOG,
             crate::supervisor::CONTROL,
+            crate::supervisor::VSOCK,
             "vm.json",
         ] {
             self.backend.remove(&row.dir.join(f));
@@ -788,6 +936,23 @@ impl<B: Backend> Service for Orchestrator<B> {
                 .set_state(name, EnvState::Failed, None, Some("sync failed"));
         })?;
         self.gc()?;
+        // Like a branch whose clone cannot be made ready, a sync that cannot leaves no
+        // running clone behind.
+        let ready = match self.make_ready(&row, true).await {
+            Ok(ready) => ready,
+            Err(e) => {
+                if let Some(pid) = row.pid {
+                    let _ = self.backend.stop(&row.dir, pid).await;
+                }
+                let _ = self.store.set_state(
+                    name,
+                    EnvState::Failed,
+                    None,
+                    Some(&format!("sync: {}", e.message)),
+                );
+                return Err(e);
+            }
+        };
         Ok(EnvironmentCreated {
             environment: Self::public(&row),
             branch: Some(BranchTimings {
@@ -796,6 +961,7 @@ impl<B: Backend> Service for Orchestrator<B> {
                 restore_ms,
                 total_ms: ms(started),
             }),
+            ready: Some(ready),
         })
     }
 
@@ -834,6 +1000,83 @@ impl<B: Backend> Service for Orchestrator<B> {
             .map_err(|e| ApiError::internal(format!("{name}: {e}")))
     }
 
+    async fn exec(&self, name: &str, req: ExecRequest) -> Result<ExecResult> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        if req.argv.is_empty() || req.argv[0].is_empty() {
+            return Err(ApiError::bad_request("argv needs at least a program"));
+        }
+        let stdin = match &req.stdin {
+            Some(text) => b64
+                .decode(text)
+                .map_err(|e| ApiError::bad_request(format!("stdin is not base64: {e}")))?,
+            None => Vec::new(),
+        };
+        let timeout = match req.timeout_ms {
+            None => EXEC_TIMEOUT,
+            Some(0) => return Err(ApiError::bad_request("timeout_ms must be at least 1")),
+            Some(t) if Duration::from_millis(t) > MAX_EXEC_TIMEOUT => {
+                return Err(ApiError::bad_request(format!(
+                    "timeout_ms must be at most {}",
+                    MAX_EXEC_TIMEOUT.as_millis()
+                )))
+            }
+            Some(t) => Duration::from_millis(t),
+        };
+        let dir = self.agent_dir(name)?;
+        let out = self
+            .backend
+            .agent_exec(
+                &dir,
+                GuestCommand {
+                    argv: req.argv,
+                    env: req.env.into_iter().collect(),
+                    cwd: req.cwd,
+                    stdin,
+                    timeout,
+                },
+            )
+            .await
+            .map_err(|e| agent_api_error(name, e))?;
+        Ok(ExecResult {
+            exit_code: out.exit_code,
+            signal: out.signal,
+            timed_out: out.timed_out,
+            truncated: out.truncated
+                || out.stdout.len() > MAX_EXEC_OUTPUT
+                || out.stderr.len() > MAX_EXEC_OUTPUT,
+            stdout: b64.encode(&out.stdout[..out.stdout.len().min(MAX_EXEC_OUTPUT)]),
+            stderr: b64.encode(&out.stderr[..out.stderr.len().min(MAX_EXEC_OUTPUT)]),
+        })
+    }
+
+    async fn read_file(&self, name: &str, path: &str) -> Result<Vec<u8>> {
+        check_guest_path(path)?;
+        let dir = self.agent_dir(name)?;
+        self.backend
+            .agent_read_file(&dir, path)
+            .await
+            .map_err(|e| agent_api_error(name, e))
+    }
+
+    async fn write_file(
+        &self,
+        name: &str,
+        path: &str,
+        data: Vec<u8>,
+        mode: Option<u32>,
+    ) -> Result<()> {
+        check_guest_path(path)?;
+        if mode.is_some_and(|m| m > 0o7777) {
+            return Err(ApiError::bad_request("mode must be at most 07777"));
+        }
+        let dir = self.agent_dir(name)?;
+        self.backend
+            .agent_write_file(&dir, path, data, mode)
+            .await
+            .map_err(|e| agent_api_error(name, e))
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
@@ -863,8 +1106,15 @@ impl<B: Backend> Service for Orchestrator<B> {
              # TYPE grove_branch_parent_pause_ms_sum counter\ngrove_branch_parent_pause_ms_sum {:.3}\n\
              # TYPE grove_restores_total counter\ngrove_restores_total {}\n\
              # TYPE grove_restore_duration_ms_sum counter\ngrove_restore_duration_ms_sum {:.3}\n\
-             # TYPE grove_boots_total counter\ngrove_boots_total {}\n",
-            m.branches, m.branch_ms_sum, m.parent_pause_ms_sum, m.restores, m.restore_ms_sum, m.boots
+             # TYPE grove_boots_total counter\ngrove_boots_total {}\n\
+             # TYPE grove_ready_duration_ms_sum counter\ngrove_ready_duration_ms_sum {:.3}\n",
+            m.branches,
+            m.branch_ms_sum,
+            m.parent_pause_ms_sum,
+            m.restores,
+            m.restore_ms_sum,
+            m.boots,
+            m.ready_ms_sum
         ));
         out
     }

@@ -9,18 +9,36 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use vmm::disk::DiskFormat;
 
-use crate::backend::{BResult, Backend, Frozen, Running, VmSpec};
-use crate::model::{CreateEnvironment, CreateImage, EnvState};
+use crate::backend::{
+    AgentError, BResult, Backend, Frozen, GuestCommand, GuestOutput, Prepare, Running, VmSpec,
+};
+use crate::model::{CreateEnvironment, CreateImage, EnvState, ExecRequest, HookResult};
 use crate::orchestrator::Orchestrator;
 use crate::service::Service;
 
 /// Fake VMMs: a pid per start, alive until `exit` is called.
-#[derive(Default)]
 struct Fake {
     next_pid: AtomicU32,
     alive: Mutex<HashSet<u32>>,
     exits: Mutex<HashMap<u32, (Arc<Notify>, String)>>,
     calls: Mutex<Vec<String>>,
+    /// What the fake agents answer `agent_prepare` with (hook results), or why they fail.
+    prepare: Mutex<Result<Vec<HookResult>, AgentError>>,
+    /// Guest files, by (environment directory, path).
+    files: Mutex<HashMap<(PathBuf, String), Vec<u8>>>,
+}
+
+impl Default for Fake {
+    fn default() -> Self {
+        Self {
+            next_pid: AtomicU32::new(0),
+            alive: Mutex::default(),
+            exits: Mutex::default(),
+            calls: Mutex::default(),
+            prepare: Mutex::new(Ok(Vec::new())),
+            files: Mutex::default(),
+        }
+    }
 }
 
 impl Fake {
@@ -130,6 +148,60 @@ impl Backend for FakeBackend {
             let _ = std::fs::remove_file(path);
         }
     }
+
+    async fn agent_prepare(
+        &self,
+        dir: &Path,
+        prep: &Prepare,
+    ) -> Result<Vec<HookResult>, AgentError> {
+        self.0.log(format!(
+            "prepare {} {} {} entropy={}",
+            dir.display(),
+            prep.identity.hostname,
+            prep.identity.machine_id,
+            prep.clone.as_ref().map_or(0, |c| c.entropy.len())
+        ));
+        self.0.prepare.lock().unwrap().clone()
+    }
+
+    async fn agent_exec(&self, dir: &Path, cmd: GuestCommand) -> Result<GuestOutput, AgentError> {
+        self.0
+            .log(format!("exec {} {}", dir.display(), cmd.argv.join(" ")));
+        Ok(GuestOutput {
+            exit_code: Some(3),
+            stdout: cmd.argv.join(" ").into_bytes(),
+            stderr: cmd.stdin,
+            ..GuestOutput::default()
+        })
+    }
+
+    async fn agent_read_file(&self, dir: &Path, path: &str) -> Result<Vec<u8>, AgentError> {
+        self.0
+            .files
+            .lock()
+            .unwrap()
+            .get(&(dir.to_path_buf(), path.to_string()))
+            .cloned()
+            .ok_or_else(|| AgentError::Guest {
+                code: "not_found".into(),
+                message: format!("{path}: no such file"),
+            })
+    }
+
+    async fn agent_write_file(
+        &self,
+        dir: &Path,
+        path: &str,
+        data: Vec<u8>,
+        _mode: Option<u32>,
+    ) -> Result<(), AgentError> {
+        self.0
+            .files
+            .lock()
+            .unwrap()
+            .insert((dir.to_path_buf(), path.to_string()), data);
+        Ok(())
+    }
 }
 
 struct Setup {
@@ -187,6 +259,7 @@ fn boot_req(name: &str) -> CreateEnvironment {
         from: None,
         vcpus: None,
         memory_mib: None,
+        agent: None,
     }
 }
 
@@ -197,6 +270,7 @@ fn branch_req(name: &str, from: &str) -> CreateEnvironment {
         from: Some(from.into()),
         vcpus: None,
         memory_mib: None,
+        agent: None,
     }
 }
 
@@ -412,4 +486,177 @@ async fn events_report_state_changes() {
         .orch
         .metrics()
         .contains("grove_environments{state=\"running\"} 1"));
+}
+
+fn hook(name: &str, code: Option<i32>) -> HookResult {
+    HookResult {
+        name: name.into(),
+        exit_code: code,
+        output: format!("{name} said hi\n"),
+    }
+}
+
+#[tokio::test]
+async fn the_agent_makes_boots_and_branches_ready_and_unique() {
+    let s = setup("ready");
+    with_image(&s).await;
+    let main = s.orch.create_environment(boot_req("main")).await.unwrap();
+    let ready = main.ready.expect("a boot waits for the agent");
+    assert_eq!((ready.hostname.as_str(), ready.reseeded), ("main", false));
+    *s.fake.prepare.lock().unwrap() = Ok(vec![hook("10-scrub", Some(0))]);
+    let x = s
+        .orch
+        .create_environment(branch_req("Feature/X_1", "main"))
+        .await
+        .unwrap();
+    let ready = x.ready.expect("a branch waits for the agent");
+    assert_eq!(ready.hostname, "feature-x-1");
+    assert!(ready.reseeded);
+    assert_eq!(ready.hooks, vec![hook("10-scrub", Some(0))]);
+    let y = s
+        .orch
+        .create_environment(branch_req("y", "main"))
+        .await
+        .unwrap();
+    assert!(y.ready.is_some());
+
+    // Boots get an identity only; clones 64 bytes of entropy as well; every machine id
+    // differs.
+    let calls: Vec<String> = s
+        .fake
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.starts_with("prepare "))
+        .cloned()
+        .collect();
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert!(calls[0].ends_with(" entropy=0") && calls[0].contains(" main "));
+    assert!(calls[1].ends_with(" entropy=64") && calls[1].contains(" feature-x-1 "));
+    let ids: HashSet<&str> = calls.iter().map(|c| c.split(' ').nth(3).unwrap()).collect();
+    assert_eq!(ids.len(), 3);
+    assert!(ids.iter().all(|id| id.len() == 32));
+
+    // `agent: false` skips it all.
+    let mut req = boot_req("plain");
+    req.agent = Some(false);
+    let plain = s.orch.create_environment(req).await.unwrap();
+    assert!(plain.ready.is_none());
+}
+
+#[tokio::test]
+async fn a_clone_that_cannot_be_made_ready_is_not_kept() {
+    let s = setup("unready");
+    with_image(&s).await;
+    s.orch.create_environment(boot_req("main")).await.unwrap();
+
+    *s.fake.prepare.lock().unwrap() = Ok(vec![hook("10-ok", Some(0)), hook("20-scrub", Some(1))]);
+    let e = s
+        .orch
+        .create_environment(branch_req("x", "main"))
+        .await
+        .unwrap_err();
+    assert_eq!((e.status, e.code), (422, "hook_failed"));
+    assert!(e.message.contains("20-scrub") && e.message.contains("exit status 1"));
+    assert!(e.message.contains("20-scrub said hi"), "{}", e.message);
+
+    *s.fake.prepare.lock().unwrap() = Err(AgentError::Unavailable("connection refused".into()));
+    let e = s
+        .orch
+        .create_environment(branch_req("x", "main"))
+        .await
+        .unwrap_err();
+    assert_eq!((e.status, e.code), (504, "agent_unavailable"));
+    // Neither clone is left: no row, no VMM, no files.
+    let names: Vec<String> = s
+        .orch
+        .list_environments()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["main"]);
+    assert_eq!(s.fake.alive.lock().unwrap().len(), 1, "only main runs");
+    // A boot whose agent never answers fails the same way.
+    let e = s
+        .orch
+        .create_environment(boot_req("other"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 504);
+    assert_eq!(s.fake.alive.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn exec_and_files_go_through_the_agent_of_a_running_environment() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let s = setup("exec");
+    with_image(&s).await;
+    s.orch.create_environment(boot_req("main")).await.unwrap();
+    let req = |argv: &[&str]| ExecRequest {
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        env: Default::default(),
+        cwd: None,
+        stdin: Some(b64.encode(b"in")),
+        timeout_ms: None,
+    };
+    let out = s.orch.exec("main", req(&["echo", "hi"])).await.unwrap();
+    assert_eq!(out.exit_code, Some(3));
+    assert_eq!(b64.decode(&out.stdout).unwrap(), b"echo hi");
+    assert_eq!(b64.decode(&out.stderr).unwrap(), b"in");
+    assert!(!out.truncated);
+
+    for bad in [
+        ExecRequest {
+            stdin: Some("not base64!".into()),
+            ..req(&["x"])
+        },
+        req(&[]),
+        req(&[""]),
+        ExecRequest {
+            timeout_ms: Some(0),
+            ..req(&["x"])
+        },
+        ExecRequest {
+            timeout_ms: Some(3_600_001),
+            ..req(&["x"])
+        },
+    ] {
+        let e = s.orch.exec("main", bad.clone()).await.unwrap_err();
+        assert_eq!(e.status, 400, "{bad:?}");
+    }
+    assert_eq!(
+        s.orch.exec("nope", req(&["x"])).await.unwrap_err().status,
+        404
+    );
+
+    let e = s.orch.read_file("main", "/etc/x").await.unwrap_err();
+    assert_eq!((e.status, e.code), (404, "guest_error"));
+    s.orch
+        .write_file("main", "/etc/x", b"data".to_vec(), Some(0o600))
+        .await
+        .unwrap();
+    assert_eq!(s.orch.read_file("main", "/etc/x").await.unwrap(), b"data");
+    for path in ["etc/x", "", "/a\0b"] {
+        let e = s.orch.read_file("main", path).await.unwrap_err();
+        assert_eq!(e.status, 400, "{path:?}");
+    }
+    let e = s
+        .orch
+        .write_file("main", "/x", Vec::new(), Some(0o10000))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 400);
+
+    // Only a running environment's agent is asked.
+    s.orch.pause("main").await.unwrap();
+    let e = s.orch.exec("main", req(&["x"])).await.unwrap_err();
+    assert_eq!(e.status, 409);
+    assert_eq!(
+        s.orch.read_file("main", "/etc/x").await.unwrap_err().status,
+        409
+    );
 }

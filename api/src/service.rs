@@ -8,7 +8,8 @@ use tokio::sync::broadcast;
 
 use crate::error::ApiError;
 use crate::model::{
-    CreateEnvironment, CreateImage, Environment, EnvironmentCreated, Event, Image, Snapshot,
+    CreateEnvironment, CreateImage, Environment, EnvironmentCreated, Event, ExecRequest,
+    ExecResult, Image, Snapshot,
 };
 
 pub type Result<T> = std::result::Result<T, ApiError>;
@@ -52,6 +53,34 @@ pub trait Service: Send + Sync + 'static {
     fn console_input(&self, name: &str, input: Vec<u8>) -> impl Future<Output = Result<()>> + Send {
         let _ = (name, input);
         async { Err(ApiError::not_found("console input is not supported here")) }
+    }
+
+    /// Runs a command in the environment's guest, through its agent.
+    fn exec(
+        &self,
+        name: &str,
+        req: ExecRequest,
+    ) -> impl Future<Output = Result<ExecResult>> + Send {
+        let _ = (name, req);
+        async { Err(ApiError::not_found("exec is not supported here")) }
+    }
+
+    /// Reads the guest file `path` (absolute), through the agent.
+    fn read_file(&self, name: &str, path: &str) -> impl Future<Output = Result<Vec<u8>>> + Send {
+        let _ = (name, path);
+        async { Err(ApiError::not_found("files are not supported here")) }
+    }
+
+    /// Writes the guest file `path` (absolute; created with `mode`, or 0644), through the agent.
+    fn write_file(
+        &self,
+        name: &str,
+        path: &str,
+        data: Vec<u8>,
+        mode: Option<u32>,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = (name, path, data, mode);
+        async { Err(ApiError::not_found("files are not supported here")) }
     }
 
     /// State changes from now on.

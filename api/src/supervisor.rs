@@ -2,7 +2,8 @@
 //! socket, and the disk files beside it.
 //!
 //! Each environment's directory holds `disk.qcow2` (its overlay), `control.sock`,
-//! `console.log` (the guest console), `vmm.log` (the VMM's own log) and `vm.json`. VMMs run
+//! `console.log` (the guest console), `vmm.log` (the VMM's own log), `vsock.sock` (the
+//! guest's vsock, where its agent is reached) and `vm.json`. VMMs run
 //! in their own process group, so they outlive a restart of the daemon; the daemon reaps
 //! the ones it started and watches the others (after a restart) through a pidfd.
 
@@ -12,7 +13,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
@@ -21,7 +22,13 @@ use vmm::control::protocol::{Request, Response, SnapshotRequest};
 use vmm::disk::{DiskFormat, LayerRecord};
 use vmm::{DiskConfig, VmConfig};
 
-use crate::backend::{Backend, Frozen, Running, VmSpec};
+use agent::protocol::IdentityRequest;
+
+use crate::backend::{
+    AgentError, Backend, Frozen, GuestCommand, GuestOutput, Prepare, Running, VmSpec,
+    MAX_EXEC_OUTPUT,
+};
+use crate::model::HookResult;
 
 pub const DISK: &str = "disk.qcow2";
 pub const CONTROL: &str = "control.sock";
@@ -29,6 +36,10 @@ pub const CONSOLE: &str = "console.log";
 pub const VMM_LOG: &str = "vmm.log";
 /// A FIFO the VMM reads as its standard input (the guest console's input).
 pub const CONSOLE_IN: &str = "console.in";
+/// The VM's vsock Unix socket (`docs/vsock.md`), through which the daemon reaches the agent.
+pub const VSOCK: &str = "vsock.sock";
+/// The guest's vsock CID: the same in every VM, each VM having its own socket.
+pub const GUEST_CID: u32 = 3;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs `grove-vmm` processes.
@@ -233,6 +244,10 @@ impl Backend for Supervisor {
             allow_backing: true,
             ..DiskConfig::raw(spec.dir.join(DISK), false)
         });
+        config.vsock = Some(vmm::VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: spec.dir.join(VSOCK),
+        });
         let json = serde_json::to_vec_pretty(&config).map_err(|e| e.to_string())?;
         let config_path = spec.dir.join("vm.json");
         std::fs::write(&config_path, json)
@@ -274,6 +289,8 @@ impl Backend for Supervisor {
                 dir.join(CONSOLE).to_string_lossy().into_owned(),
                 "--disk-override".into(),
                 format!("disk0={}", overlay.display()),
+                "--vsock-override".into(),
+                dir.join(VSOCK).to_string_lossy().into_owned(),
             ],
         )?;
         self.wait_ready(dir, &child).await?;
@@ -385,6 +402,171 @@ impl Backend for Supervisor {
             if e.kind() != std::io::ErrorKind::NotFound {
                 log::warn!("cannot remove {}: {e}", path.display());
             }
+        }
+    }
+
+    async fn agent_prepare(
+        &self,
+        dir: &Path,
+        prep: &Prepare,
+    ) -> Result<Vec<HookResult>, AgentError> {
+        let socket = dir.join(VSOCK);
+        let prep = prep.clone();
+        blocking(move || {
+            let mut agent = connect_agent(&socket, prep.timeout)?;
+            if let Some(clone) = &prep.clone {
+                agent.reseed(&clone.entropy).map_err(agent_error)?;
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_err(|e| AgentError::Unavailable(format!("host clock: {e}")))?;
+                agent
+                    .clock(u64::try_from(now.as_nanos()).unwrap_or(u64::MAX))
+                    .map_err(agent_error)?;
+            }
+            agent
+                .identity(&IdentityRequest {
+                    hostname: prep.identity.hostname.clone(),
+                    machine_id: prep.identity.machine_id.clone(),
+                    address: None,
+                })
+                .map_err(agent_error)?;
+            if prep.clone.is_none() {
+                return Ok(Vec::new());
+            }
+            // Hooks may take a while each: the agent limits every one (60 s by default).
+            agent
+                .set_timeout(Some(HOOKS_SILENCE))
+                .map_err(agent_error)?;
+            let results = agent.run_hooks(None).map_err(agent_error)?;
+            Ok(results
+                .into_iter()
+                .map(|h| HookResult {
+                    name: h.name,
+                    exit_code: if h.timed_out { None } else { h.code },
+                    output: h.output,
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn agent_exec(&self, dir: &Path, cmd: GuestCommand) -> Result<GuestOutput, AgentError> {
+        let socket = dir.join(VSOCK);
+        blocking(move || {
+            let mut agent = connect_agent(&socket, AGENT_CONNECT_TIMEOUT)?;
+            // The agent kills the command at its timeout; allow it that long to stay silent.
+            agent
+                .set_timeout(Some(cmd.timeout + AGENT_IO_TIMEOUT))
+                .map_err(agent_error)?;
+            let request = agent::protocol::ExecRequest {
+                argv: cmd.argv,
+                env: cmd.env.into_iter().collect(),
+                cwd: cmd.cwd,
+                stdin: cmd.stdin,
+                timeout_ms: Some(u64::try_from(cmd.timeout.as_millis()).unwrap_or(u64::MAX)),
+            };
+            let mut out = GuestOutput::default();
+            let status = agent
+                .exec(&request, |stream, data| {
+                    let buf = match stream {
+                        agent::protocol::Stream::Stdout => &mut out.stdout,
+                        agent::protocol::Stream::Stderr => &mut out.stderr,
+                    };
+                    let room = MAX_EXEC_OUTPUT.saturating_sub(buf.len());
+                    if data.len() > room {
+                        out.truncated = true;
+                    }
+                    buf.extend_from_slice(&data[..data.len().min(room)]);
+                })
+                .map_err(agent_error)?;
+            out.exit_code = status.code;
+            out.signal = status.signal;
+            out.timed_out = status.timed_out;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn agent_read_file(&self, dir: &Path, path: &str) -> Result<Vec<u8>, AgentError> {
+        let socket = dir.join(VSOCK);
+        let path = path.to_string();
+        blocking(move || {
+            connect_agent(&socket, AGENT_CONNECT_TIMEOUT)?
+                .read_file(&path)
+                .map_err(agent_error)
+        })
+        .await
+    }
+
+    async fn agent_write_file(
+        &self,
+        dir: &Path,
+        path: &str,
+        data: Vec<u8>,
+        mode: Option<u32>,
+    ) -> Result<(), AgentError> {
+        let socket = dir.join(VSOCK);
+        let path = path.to_string();
+        blocking(move || {
+            connect_agent(&socket, AGENT_CONNECT_TIMEOUT)?
+                .write_file(&path, &data, mode)
+                .map_err(agent_error)
+        })
+        .await
+    }
+}
+
+/// How long a request to a running guest's agent waits for it to answer at first.
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest silence accepted on an agent connection (beyond a command's own timeout).
+const AGENT_IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest silence accepted while the post-clone hooks run (the agent limits each hook).
+const HOOKS_SILENCE: Duration = Duration::from_secs(3600);
+
+/// Runs blocking agent I/O off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(AgentError::Unavailable(format!("agent task failed: {e}"))))
+}
+
+/// An agent error the caller should hear about, or the agent being unreachable.
+fn agent_error(e: agent::client::ClientError) -> AgentError {
+    match e.agent_error() {
+        Some(info) => AgentError::Guest {
+            code: serde_json::to_value(info.code)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| "error".to_string()),
+            message: info.message.clone(),
+        },
+        None => AgentError::Unavailable(e.to_string()),
+    }
+}
+
+/// Connects to the agent through the VM's vsock socket and pings it, retrying every 10 ms
+/// while the socket is missing or the agent is not listening yet, for at most `wait`.
+fn connect_agent(
+    socket: &Path,
+    wait: Duration,
+) -> Result<agent::client::Client<std::os::unix::net::UnixStream>, AgentError> {
+    use agent::client::{Client, ClientError};
+    let deadline = Instant::now() + wait;
+    loop {
+        let attempt = Client::connect_uds(socket, agent::AGENT_PORT, AGENT_IO_TIMEOUT)
+            .and_then(|mut c| c.ping().map(|_| c));
+        match attempt {
+            Ok(client) => return Ok(client),
+            Err(e @ ClientError::Agent { .. }) => return Err(agent_error(e)),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(AgentError::Unavailable(format!(
+                    "{e} (still, after {:.0} s)",
+                    wait.as_secs_f64()
+                )))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
 }

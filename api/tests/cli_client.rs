@@ -18,7 +18,7 @@ use bytes::Bytes;
 use grove_api::client::{Client, ClientError, Route, MAX_CONSOLE_INPUT};
 use grove_api::model::{
     BranchTimings, CreateEnvironment, CreateImage, EnvState, Environment, EnvironmentCreated,
-    Event, Image, Snapshot,
+    Event, ExecRequest, Image, Snapshot,
 };
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
@@ -277,6 +277,7 @@ fn route(method: &str, path: &str, body: &str) -> Reply {
                 &EnvironmentCreated {
                     environment: env,
                     branch,
+                    ready: None,
                 },
             )
         }
@@ -331,6 +332,7 @@ fn environment_route(
             &EnvironmentCreated {
                 environment: env,
                 branch: Some(timings()),
+                ready: None,
             },
         ),
         ("GET", "/console") if query.contains("follow=true") => {
@@ -512,6 +514,7 @@ async fn client_sends_every_route_and_parses_the_answers() {
         from: Some("main".into()),
         vcpus: None,
         memory_mib: None,
+        agent: None,
     };
     let created = c.create_environment(&branch).await.expect("branch");
     assert_eq!(created.branch, Some(timings()));
@@ -608,6 +611,14 @@ fn routes_match_the_openapi_spec() {
         from: None,
         vcpus: None,
         memory_mib: None,
+        agent: None,
+    };
+    let exec = ExecRequest {
+        argv: vec!["true".into()],
+        env: Default::default(),
+        cwd: None,
+        stdin: None,
+        timeout_ms: None,
     };
     let n = "{name}";
     let routes = [
@@ -637,6 +648,20 @@ fn routes_match_the_openapi_spec() {
         Route::ConsoleInput {
             name: n,
             input: b"",
+        },
+        Route::Exec {
+            name: n,
+            req: &exec,
+        },
+        Route::GetFile {
+            name: n,
+            path: "/x",
+        },
+        Route::PutFile {
+            name: n,
+            path: "/x",
+            data: b"",
+            mode: Some(0o644),
         },
     ];
     let mut in_client: Vec<String> = routes

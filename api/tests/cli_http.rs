@@ -18,6 +18,7 @@ fn branch(name: &str, from: &str) -> CreateEnvironment {
         from: Some(from.into()),
         vcpus: None,
         memory_mib: None,
+        agent: None,
     }
 }
 

@@ -11,7 +11,7 @@ use grove_api::error::{ApiError, ErrorBody};
 use grove_api::http::ROUTES;
 use grove_api::model::{
     BranchTimings, CreateEnvironment, CreateImage, EnvState, Environment, EnvironmentCreated,
-    Event, Image, Snapshot,
+    Event, ExecRequest, ExecResult, HookResult, Image, Readiness, Snapshot,
 };
 use serde::Serialize;
 
@@ -232,6 +232,19 @@ fn environment() -> Environment {
     }
 }
 
+fn readiness() -> Readiness {
+    Readiness {
+        ready_ms: 1.0,
+        hostname: "h".into(),
+        reseeded: true,
+        hooks: vec![HookResult {
+            name: "10-x".into(),
+            exit_code: Some(0),
+            output: String::new(),
+        }],
+    }
+}
+
 fn timings() -> BranchTimings {
     BranchTimings {
         parent_pause_ms: 1.0,
@@ -263,6 +276,20 @@ fn schemas_match_the_model_types() {
             keys(&EnvironmentCreated {
                 environment: environment(),
                 branch: Some(timings()),
+                ready: Some(readiness()),
+            }),
+        ),
+        ("Readiness", keys(&readiness())),
+        ("HookResult", keys(&readiness().hooks[0])),
+        (
+            "ExecResult",
+            keys(&ExecResult {
+                exit_code: Some(0),
+                signal: None,
+                timed_out: false,
+                truncated: false,
+                stdout: String::new(),
+                stderr: String::new(),
             }),
         ),
         (
@@ -315,6 +342,7 @@ fn schemas_match_the_model_types() {
                 from: Some("p".into()),
                 vcpus: Some(1),
                 memory_mib: Some(1),
+                agent: Some(true),
             }),
         ),
     ];
@@ -323,6 +351,19 @@ fn schemas_match_the_model_types() {
         assert_eq!(properties, fields, "{name}: properties");
         assert_eq!(required, BTreeSet::from(["name".to_string()]), "{name}");
     }
+    // ExecRequest: every field documented, only `argv` required.
+    let exec = keys(&ExecRequest {
+        argv: vec!["true".into()],
+        env: [("K".to_string(), "V".to_string())].into(),
+        cwd: Some("/".into()),
+        stdin: Some(String::new()),
+        timeout_ms: Some(1),
+    });
+    let (properties, required) = schema(&spec, "ExecRequest");
+    assert_eq!(properties, exec, "ExecRequest");
+    assert_eq!(required, BTreeSet::from(["argv".to_string()]));
+    assert!(serde_json::from_str::<ExecRequest>(r#"{"argv": ["x"]}"#).is_ok());
+    assert!(serde_json::from_str::<ExecRequest>(r#"{"argv": ["x"], "y": 1}"#).is_err());
     assert!(serde_json::from_str::<CreateImage>(r#"{"name": "x"}"#).is_ok());
     assert!(serde_json::from_str::<CreateImage>("{}").is_err());
     assert!(serde_json::from_str::<CreateEnvironment>(r#"{"name": "x"}"#).is_ok());

@@ -209,12 +209,15 @@ fn launch(parts: Launch, control: Option<&Path>, paused: bool) -> Result<Vmm, Bu
         let handler: Arc<dyn ControlHandler> = shared.clone();
         subscribers.push(Arc::new(Mutex::new(ControlServer::bind(path, handler)?)));
     }
-    let event_loop = EventLoop::start(subscribers)?;
+    // The vCPU threads (parked until the first resume) are handed over before the event loop
+    // serves the control socket: a request that arrives at once must see every vCPU (a
+    // snapshot taken earlier would save none).
     let handles = vcpus
         .into_iter()
         .map(Vcpu::start)
         .collect::<Result<Vec<VcpuHandle>, _>>()?;
     shared.set_vcpus(handles);
+    let event_loop = EventLoop::start(subscribers)?;
     let vmm = Vmm::new(shared, event_loop);
     if !paused {
         vmm.resume().map_err(BuildError::Start)?;

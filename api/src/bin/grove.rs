@@ -17,10 +17,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use base64::Engine as _;
 use clap::{Parser, Subcommand};
 use grove_api::client::{Client, ClientError, Route};
 use grove_api::model::{
-    BranchTimings, CreateEnvironment, CreateImage, EnvState, Environment, Event, Image,
+    BranchTimings, CreateEnvironment, CreateImage, EnvState, Environment, Event, ExecRequest,
+    Image, Readiness,
 };
 
 const AFTER_HELP: &str = "\
@@ -78,12 +80,19 @@ enum Command {
         /// Memory in MiB (default: the daemon's).
         #[arg(long, value_name = "MIB")]
         memory: Option<u64>,
+        /// The image has no grove agent: do not wait for it (no identity, no exec).
+        #[arg(long)]
+        no_agent: bool,
     },
     /// Branch a new environment from a running one: memory and disk, in milliseconds.
     Branch {
         name: String,
         #[arg(long, value_name = "PARENT")]
         from: String,
+        /// The guest has no grove agent: do not make the clone unique (no reseed, no
+        /// hostname, no hooks).
+        #[arg(long)]
+        no_agent: bool,
     },
     /// Show one environment.
     Show { name: String },
@@ -118,6 +127,30 @@ enum Command {
         #[arg(long, short = 'n')]
         no_newline: bool,
     },
+    /// Run a command in an environment's guest (through its agent); its output goes to
+    /// stdout and stderr and its exit status becomes grove's (128+N for signal N, 124 when it
+    /// timed out).
+    Exec {
+        name: String,
+        /// Set an environment variable for the command (repeatable).
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Working directory in the guest.
+        #[arg(long, value_name = "DIR")]
+        cwd: Option<String>,
+        /// Kill the command after this many seconds (default: the daemon's, 60).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+        /// Send standard input to the command (read to its end first).
+        #[arg(long, short = 'i')]
+        stdin: bool,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        argv: Vec<String>,
+    },
+    /// Read or write a file in an environment's guest.
+    #[command(subcommand)]
+    File(FileCommand),
     /// Print state changes as they happen, one line each.
     Events,
     /// Check that the daemon answers.
@@ -125,6 +158,33 @@ enum Command {
     /// Print the daemon's Prometheus metrics.
     Metrics,
 }
+
+#[derive(Debug, Subcommand)]
+enum FileCommand {
+    /// Print a guest file to standard output.
+    Get { name: String, path: String },
+    /// Write standard input to a guest file (at most 512 KiB).
+    Put {
+        name: String,
+        path: String,
+        /// The file's mode, in octal (default 644).
+        #[arg(long, value_name = "OCTAL")]
+        mode: Option<String>,
+    },
+}
+
+/// `grove exec`'s outcome when the command did not succeed: grove exits with this status
+/// without a message of its own.
+#[derive(Debug)]
+struct GuestStatus(u8);
+
+impl std::fmt::Display for GuestStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the command exited with status {}", self.0)
+    }
+}
+
+impl std::error::Error for GuestStatus {}
 
 #[derive(Debug, Subcommand)]
 enum ImageCommand {
@@ -155,6 +215,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<GuestStatus>().is_some() => {
+            ExitCode::from(e.downcast_ref::<GuestStatus>().map_or(1, |s| s.0))
+        }
         Err(e) => {
             let message = format!("{e:#}").replace(['\n', '\r'], " ");
             let _ = writeln!(io::stderr(), "grove: error: {message}");
@@ -251,6 +314,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             image,
             vcpus,
             memory,
+            no_agent,
         } => {
             let req = CreateEnvironment {
                 name,
@@ -258,21 +322,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 from: None,
                 vcpus,
                 memory_mib: memory,
+                agent: no_agent.then_some(false),
             };
             if json {
                 return raw(Route::CreateEnvironment(&req)).await;
             }
             let created = client.create_environment(&req).await?;
             let env = &created.environment;
-            out(&format!("created {}: {}\n", env.name, summary(env)))
+            let text = format!("created {}: {}\n", env.name, summary(env));
+            out(&(text + &readiness(created.ready.as_ref())))
         }
-        Command::Branch { name, from } => {
+        Command::Branch {
+            name,
+            from,
+            no_agent,
+        } => {
             let req = CreateEnvironment {
                 name,
                 image: None,
                 from: Some(from),
                 vcpus: None,
                 memory_mib: None,
+                agent: no_agent.then_some(false),
             };
             if json {
                 return raw(Route::CreateEnvironment(&req)).await;
@@ -282,6 +353,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let parent = req.from.as_deref().unwrap_or_default();
             let mut text = format!("branched {} from {parent}: {}\n", env.name, summary(env));
             text += &timings(parent, &env.name, created.branch.as_ref());
+            text += &readiness(created.ready.as_ref());
             out(&text)
         }
         Command::Show { name } if json => raw(Route::GetEnvironment(&name)).await,
@@ -309,6 +381,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let parent = env.parent.as_deref().unwrap_or("its parent");
             let mut text = format!("synced {} from {parent}: {}\n", env.name, summary(env));
             text += &timings(parent, &env.name, synced.branch.as_ref());
+            text += &readiness(synced.ready.as_ref());
             out(&text)
         }
         Command::Console { name, follow } => console(&client, &name, follow).await,
@@ -326,6 +399,68 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 format!("{}{newline}", text.join(" ")).into_bytes()
             };
             Ok(client.console_input(&name, &input).await?)
+        }
+        Command::Exec {
+            name,
+            env,
+            cwd,
+            timeout,
+            stdin,
+            argv,
+        } => {
+            let mut vars = std::collections::BTreeMap::new();
+            for pair in env {
+                let (k, v) = pair
+                    .split_once('=')
+                    .filter(|(k, _)| !k.is_empty())
+                    .with_context(|| format!("--env {pair:?}: expected KEY=VALUE"))?;
+                vars.insert(k.to_string(), v.to_string());
+            }
+            let input = if stdin {
+                let mut input = Vec::new();
+                io::stdin().lock().read_to_end(&mut input)?;
+                Some(base64::engine::general_purpose::STANDARD.encode(input))
+            } else {
+                None
+            };
+            let req = ExecRequest {
+                argv,
+                env: vars,
+                cwd,
+                stdin: input,
+                timeout_ms: timeout.map(|s| s.saturating_mul(1000)),
+            };
+            if json {
+                return raw(Route::Exec {
+                    name: &name,
+                    req: &req,
+                })
+                .await;
+            }
+            exec(&client, &name, &req).await
+        }
+        Command::File(FileCommand::Get { name, path }) => {
+            let data = client.read_file(&name, &path).await?;
+            let mut stdout = io::stdout().lock();
+            stdout.write_all(&data)?;
+            Ok(stdout.flush()?)
+        }
+        Command::File(FileCommand::Put { name, path, mode }) => {
+            let mode = mode
+                .map(|m| {
+                    u32::from_str_radix(&m, 8)
+                        .ok()
+                        .filter(|m| *m <= 0o7777)
+                        .with_context(|| format!("--mode {m:?}: expected an octal mode"))
+                })
+                .transpose()?;
+            let mut data = Vec::new();
+            io::stdin().lock().read_to_end(&mut data)?;
+            client.write_file(&name, &path, &data, mode).await?;
+            quiet_unless_human(
+                json,
+                format!("wrote {} bytes to {name}:{path}\n", data.len()),
+            )
         }
         Command::Events => events(&client, json).await,
         Command::Health => {
@@ -539,6 +674,58 @@ fn summary(env: &Environment) -> String {
         text += &format!(", pid {pid}");
     }
     text
+}
+
+/// Runs `req` in `name`, copies its output to stdout and stderr, and turns its status into
+/// grove's.
+async fn exec(client: &Client, name: &str, req: &ExecRequest) -> anyhow::Result<()> {
+    let result = client.exec(name, req).await?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let stdout = b64.decode(&result.stdout).context("stdout from groved")?;
+    let stderr = b64.decode(&result.stderr).context("stderr from groved")?;
+    io::stdout().lock().write_all(&stdout)?;
+    io::stdout().lock().flush()?;
+    let mut err = io::stderr().lock();
+    err.write_all(&stderr)?;
+    if result.truncated {
+        writeln!(err, "grove: output beyond 4 MiB per stream was dropped")?;
+    }
+    let status = if result.timed_out {
+        writeln!(err, "grove: the command timed out and was killed")?;
+        124
+    } else if let Some(signal) = result.signal {
+        128 + signal.clamp(0, 127)
+    } else {
+        result.exit_code.unwrap_or(1)
+    };
+    match u8::try_from(status & 0xff).unwrap_or(1) {
+        0 => Ok(()),
+        code => Err(GuestStatus(code).into()),
+    }
+}
+
+/// The readiness line of a created, branched or synced environment.
+fn readiness(ready: Option<&Readiness>) -> String {
+    match ready {
+        Some(r) => {
+            let mut text = format!(
+                "  ready after {:.1} ms more: hostname {}{}",
+                r.ready_ms,
+                r.hostname,
+                if r.reseeded {
+                    ", reseeded, clock set"
+                } else {
+                    ""
+                }
+            );
+            if !r.hooks.is_empty() {
+                let names: Vec<&str> = r.hooks.iter().map(|h| h.name.as_str()).collect();
+                text += &format!(", hooks {}", names.join(" "));
+            }
+            text + "\n"
+        }
+        None => String::new(),
+    }
 }
 
 fn timings(parent: &str, child: &str, timings: Option<&BranchTimings>) -> String {

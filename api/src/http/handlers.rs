@@ -14,10 +14,10 @@ use tokio::sync::watch;
 use super::auth::BearerToken;
 use super::body::{self, HttpResponse, ResponseBody};
 use super::metrics::Metrics;
-use super::routes::{self, ConsoleParams, DeleteParams, Op, Routed};
+use super::routes::{self, ConsoleParams, DeleteParams, FileParams, Op, Routed};
 use super::{streams, ServeOptions};
 use crate::error::ApiError;
-use crate::model::{CreateEnvironment, CreateImage};
+use crate::model::{CreateEnvironment, CreateImage, ExecRequest, MAX_FILE};
 use crate::names;
 use crate::service::Service;
 
@@ -213,6 +213,38 @@ async fn dispatch<S: Service>(
             svc.console_input(&name, input.to_vec()).await?;
             Ok(body::no_content())
         }
+        Op::Exec => {
+            routes::no_query(query)?;
+            let name = name("environment")?;
+            let req: ExecRequest = body::read_json(&parts.headers, body, timeout).await?;
+            Ok(body::json(StatusCode::OK, &svc.exec(&name, req).await?))
+        }
+        Op::GetFile => {
+            let params = FileParams::parse(query, false)?;
+            let name = name("environment")?;
+            body::read_none(body, timeout).await?;
+            let data = svc.read_file(&name, &params.path).await?;
+            Ok(body::response(
+                StatusCode::OK,
+                "application/octet-stream",
+                ResponseBody::full(data),
+            ))
+        }
+        Op::PutFile => {
+            let params = FileParams::parse(query, true)?;
+            let name = name("environment")?;
+            if !is_octet_stream(&parts.headers) {
+                return Err(ApiError::new(
+                    415,
+                    "unsupported_media_type",
+                    "a file's content must be application/octet-stream",
+                ));
+            }
+            let data = body::read_limited(body, MAX_FILE, timeout).await?;
+            svc.write_file(&name, &params.path, data.to_vec(), params.mode)
+                .await?;
+            Ok(body::no_content())
+        }
         Op::Console => {
             let params = ConsoleParams::parse(query)?;
             let name = name("environment")?;
@@ -220,6 +252,20 @@ async fn dispatch<S: Service>(
             streams::console(shared, name, params).await
         }
     }
+}
+
+/// Whether the request's content type is `application/octet-stream`.
+fn is_octet_stream(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/octet-stream")
+        })
 }
 
 /// The most bytes one console-input request may carry.

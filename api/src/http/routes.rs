@@ -25,6 +25,9 @@ pub(crate) enum Op {
     Sync,
     Console,
     ConsoleInput,
+    Exec,
+    GetFile,
+    PutFile,
 }
 
 /// Builds [`ROUTES`] and the matching [`OPS`] from one list, so the two cannot drift apart.
@@ -59,6 +62,9 @@ routes! {
     "POST" "/v1/environments/{name}/sync" => Sync,
     "GET" "/v1/environments/{name}/console" => Console,
     "POST" "/v1/environments/{name}/console" => ConsoleInput,
+    "POST" "/v1/environments/{name}/exec" => Exec,
+    "GET" "/v1/environments/{name}/files" => GetFile,
+    "PUT" "/v1/environments/{name}/files" => PutFile,
 }
 
 /// The outcome of routing a request line.
@@ -264,6 +270,42 @@ impl ConsoleParams {
     }
 }
 
+/// `GET|PUT /v1/environments/{name}/files`' parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FileParams {
+    /// The guest path (absolute).
+    pub path: String,
+    /// `PUT` only: the new file's mode, given in octal (`mode=0755`).
+    pub mode: Option<u32>,
+}
+
+impl FileParams {
+    pub(crate) fn parse(raw: Option<&str>, put: bool) -> Result<Self, ApiError> {
+        let allowed: &[&'static str] = if put { &["path", "mode"] } else { &["path"] };
+        let mut path = None;
+        let mut mode = None;
+        for (key, value) in parse_query(raw, allowed)? {
+            if key == "path" {
+                path = Some(value);
+            } else {
+                let parsed = (value.len() <= 5
+                    && value.bytes().all(|b| (b'0'..=b'7').contains(&b)))
+                .then(|| u32::from_str_radix(&value, 8).ok())
+                .flatten()
+                .filter(|m| *m <= 0o7777);
+                mode = Some(parsed.ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "query parameter \"mode\": {value:?} is not an octal mode up to 7777"
+                    ))
+                })?);
+            }
+        }
+        let path =
+            path.ok_or_else(|| ApiError::bad_request("query parameter \"path\" is required"))?;
+        Ok(Self { path, mode })
+    }
+}
+
 fn parse_bool(key: &str, value: &str) -> Result<bool, ApiError> {
     match value {
         "true" => Ok(true),
@@ -443,5 +485,30 @@ mod tests {
             assert_eq!(err.map_err(|e| e.status), Err(400), "{bad}");
         }
         assert_eq!(no_query(Some("x=1")).map_err(|e| e.status), Err(400));
+        assert_eq!(
+            FileParams::parse(Some("path=%2Fetc%2Fhostname"), false).ok(),
+            Some(FileParams {
+                path: "/etc/hostname".into(),
+                mode: None
+            })
+        );
+        assert_eq!(
+            FileParams::parse(Some("path=/x&mode=0755"), true).ok(),
+            Some(FileParams {
+                path: "/x".into(),
+                mode: Some(0o755)
+            })
+        );
+        for (bad, put) in [
+            ("", false),
+            ("mode=0644", true),
+            ("path=/x&mode=0644", false),
+            ("path=/x&mode=9", true),
+            ("path=/x&mode=17777", true),
+            ("path=/x&mode=-1", true),
+        ] {
+            let err = FileParams::parse(Some(bad), put);
+            assert_eq!(err.map_err(|e| e.status), Err(400), "{bad}");
+        }
     }
 }

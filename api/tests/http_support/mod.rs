@@ -237,6 +237,7 @@ impl Service for FakeService {
                     EnvironmentCreated {
                         environment: env(&req.name, None, image),
                         branch: None,
+                        ready: None,
                     }
                 }
                 (None, Some(from)) => {
@@ -252,6 +253,7 @@ impl Service for FakeService {
                             restore_ms: 30.0,
                             total_ms: 55.0,
                         }),
+                        ready: None,
                     }
                 }
                 _ => return Err(ApiError::bad_request("give exactly one of image and from")),
@@ -336,6 +338,7 @@ impl Service for FakeService {
                 restore_ms: 3.0,
                 total_ms: 6.0,
             }),
+            ready: None,
         })
     }
 
