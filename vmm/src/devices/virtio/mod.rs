@@ -14,12 +14,14 @@
 pub mod block;
 pub mod device_state;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
 pub use block::{Block, BlockConfig, BlockError};
 pub use mmio::{MmioError, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
+pub use net::{Net, NetError};
 pub use rng::{Rng, RngError};
 
 use std::sync::atomic::{AtomicU32, Ordering};
