@@ -32,6 +32,7 @@ use crate::model::{
     Event, Image, Snapshot,
 };
 use crate::names;
+use crate::network::{NetworkConfig, Proxies};
 use crate::service::{Result, Service};
 use crate::store::{EnvRow, LayerRow, SnapshotRow, Store, StoreError};
 use crate::supervisor::{CONSOLE, DISK};
@@ -83,11 +84,25 @@ pub struct Orchestrator<B: Backend> {
     metrics: Mutex<Metrics>,
     build_default: ImageBuilder,
     me: std::sync::Weak<Orchestrator<B>>,
+    /// How environments are networked; `None`: they have no network.
+    net: Option<NetworkConfig>,
+    /// The ports published for environments.
+    proxies: Proxies,
 }
 
 impl<B: Backend> Orchestrator<B> {
     /// Opens the data directory (creating it) and its database.
     pub fn open(data: &Path, backend: B, build_default: ImageBuilder) -> anyhow::Result<Arc<Self>> {
+        Self::open_with_network(data, backend, build_default, None)
+    }
+
+    /// [`Self::open`], networking every new environment as `net` says (`docs/networking.md`).
+    pub fn open_with_network(
+        data: &Path,
+        backend: B,
+        build_default: ImageBuilder,
+        net: Option<NetworkConfig>,
+    ) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(data.join("envs"))?;
         std::fs::create_dir_all(data.join("snapshots"))?;
         let store = Store::open(&data.join("grove.db"))?;
@@ -101,6 +116,8 @@ impl<B: Backend> Orchestrator<B> {
             metrics: Mutex::new(Metrics::default()),
             build_default,
             me: me.clone(),
+            net,
+            proxies: Proxies::default(),
         }))
     }
 
@@ -131,7 +148,8 @@ impl<B: Backend> Orchestrator<B> {
         self.data.join("envs").join(id.to_string())
     }
 
-    fn public(row: &EnvRow) -> Environment {
+    fn public(&self, row: &EnvRow) -> Environment {
+        let (address, allow_outbound, ports) = self.network_view(row.id);
         Environment {
             name: row.name.clone(),
             parent: row.parent.clone(),
@@ -143,6 +161,9 @@ impl<B: Backend> Orchestrator<B> {
             snapshot: row.snapshot.clone(),
             exit_reason: row.exit_reason.clone(),
             pid: row.pid,
+            address,
+            allow_outbound,
+            ports,
         }
     }
 
@@ -223,6 +244,7 @@ impl<B: Backend> Orchestrator<B> {
             }
         }
         self.gc()?;
+        self.recover_network()?;
         Ok(())
     }
 
@@ -327,6 +349,7 @@ impl<B: Backend> Orchestrator<B> {
             self.backend.remove(&row.dir.join(f));
         }
         let _ = std::fs::remove_dir(&row.dir);
+        self.remove_network(row.id).await;
     }
 
     async fn boot(&self, req: CreateEnvironment, image_name: String) -> Result<EnvironmentCreated> {
@@ -335,6 +358,7 @@ impl<B: Backend> Orchestrator<B> {
             .image(&image_name)?
             .ok_or_else(|| ApiError::not_found(format!("no image {image_name:?}")))?;
         let (vcpus, memory_mib) = Self::check_resources(req.vcpus, req.memory_mib)?;
+        self.check_network_request(&req)?;
         let mut row = self.reserve(EnvRow {
             id: 0,
             name: req.name.clone(),
@@ -358,6 +382,10 @@ impl<B: Backend> Orchestrator<B> {
         );
         let started = Instant::now();
         let result = async {
+            let netns = self
+                .create_network(&row, req.allow_outbound.unwrap_or(true), &req.publish)
+                .await
+                .map_err(|e| e.message)?;
             self.backend
                 .create_overlay(&row.dir.join(DISK), &image.rootfs, DiskFormat::Raw)?;
             self.backend
@@ -367,6 +395,7 @@ impl<B: Backend> Orchestrator<B> {
                     initrd: image.initrd.clone(),
                     vcpus,
                     memory_mib,
+                    netns,
                 })
                 .await
         }
@@ -384,7 +413,7 @@ impl<B: Backend> Orchestrator<B> {
                 self.emit("environment", &row.name, "state", Some(EnvState::Running));
                 log::info!("environment {} booted in {:.1} ms", row.name, ms(started));
                 Ok(EnvironmentCreated {
-                    environment: Self::public(&row),
+                    environment: self.public(&row),
                     branch: None,
                 })
             }
@@ -459,9 +488,10 @@ impl<B: Backend> Orchestrator<B> {
             ApiError::internal(format!("snapshot {} froze no disk layer", snap.id))
         })?;
         let overlay = row.dir.join(DISK);
+        let netns = self.env_network(row.id)?.map(|n| n.netns);
         let running = self
             .backend
-            .restore(&row.dir, &snap.dir, &overlay)
+            .restore(&row.dir, &snap.dir, &overlay, netns.as_deref())
             .await
             .map_err(|e| ApiError::internal(format!("cannot restore {}: {e}", row.name)))?;
         row.state = EnvState::Running;
@@ -490,6 +520,7 @@ impl<B: Backend> Orchestrator<B> {
                 "a branch has its parent's vcpus and memory; leave them out",
             ));
         }
+        self.check_network_request(&req)?;
         let mut row = self.reserve(EnvRow {
             id: 0,
             name: req.name.clone(),
@@ -514,7 +545,14 @@ impl<B: Backend> Orchestrator<B> {
         let lock = self.lock_for(&row.name);
         let _guard = lock.lock().await;
         let result = async {
-            let (snap, snapshot_ms) = self.take_snapshot(&from).await?;
+            // The clone's namespace is made while the parent is snapshotted.
+            let allow_outbound = req.allow_outbound.unwrap_or(false);
+            let (snapshot, network) = tokio::join!(
+                self.take_snapshot(&from),
+                self.create_network(&row, allow_outbound, &req.publish)
+            );
+            let (snap, snapshot_ms) = snapshot?;
+            network?;
             let restore_ms = self.restore_into(&mut row, &snap).await?;
             Ok::<_, ApiError>(BranchTimings {
                 parent_pause_ms: snap.pause_ms,
@@ -534,7 +572,7 @@ impl<B: Backend> Orchestrator<B> {
                     m.parent_pause_ms_sum += timings.parent_pause_ms;
                 }
                 Ok(EnvironmentCreated {
-                    environment: Self::public(&row),
+                    environment: self.public(&row),
                     branch: Some(timings),
                 })
             }
@@ -571,7 +609,7 @@ impl<B: Backend> Orchestrator<B> {
         done.map_err(|e| ApiError::internal(format!("cannot {verb} {name}: {e}")))?;
         self.store.set_state(name, to, row.pid, None)?;
         self.emit("environment", name, "state", Some(to));
-        Ok(Self::public(&self.env_row(name)?))
+        Ok(self.public(&self.env_row(name)?))
     }
 
     /// Stops the environment's VMM if it runs and deletes its overlay and run files.
@@ -690,7 +728,7 @@ impl<B: Backend> Service for Orchestrator<B> {
             .rev()
             .collect();
         while let Some(r) = stack.pop() {
-            out.push(Self::public(r));
+            out.push(self.public(r));
             stack.extend(
                 rows.iter()
                     .filter(|c| c.parent.as_deref() == Some(r.name.as_str()))
@@ -718,7 +756,7 @@ impl<B: Backend> Service for Orchestrator<B> {
     }
 
     async fn get_environment(&self, name: &str) -> Result<Environment> {
-        Ok(Self::public(&self.env_row(name)?))
+        Ok(self.public(&self.env_row(name)?))
     }
 
     async fn delete_environment(&self, name: &str, force: bool) -> Result<()> {
@@ -736,6 +774,7 @@ impl<B: Backend> Service for Orchestrator<B> {
         self.store.delete_env(name)?;
         self.gc()?;
         let _ = std::fs::remove_dir(&row.dir);
+        self.remove_network(row.id).await;
         self.emit("environment", name, "deleted", None);
         Ok(())
     }
@@ -789,7 +828,7 @@ impl<B: Backend> Service for Orchestrator<B> {
         })?;
         self.gc()?;
         Ok(EnvironmentCreated {
-            environment: Self::public(&row),
+            environment: self.public(&row),
             branch: Some(BranchTimings {
                 parent_pause_ms: snap.pause_ms,
                 snapshot_ms,
@@ -869,6 +908,9 @@ impl<B: Backend> Service for Orchestrator<B> {
         out
     }
 }
+
+#[path = "orchestrator_network.rs"]
+mod network;
 
 #[cfg(test)]
 #[path = "orchestrator_tests.rs"]

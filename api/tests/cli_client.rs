@@ -390,6 +390,9 @@ fn env(name: &str, parent: Option<&str>, state: EnvState) -> Environment {
         snapshot: parent.map(|p| format!("{p}@1")),
         exit_reason: None,
         pid: (state == EnvState::Running).then_some(4242),
+        address: None,
+        allow_outbound: None,
+        ports: Vec::new(),
     }
 }
 
@@ -512,6 +515,8 @@ async fn client_sends_every_route_and_parses_the_answers() {
         from: Some("main".into()),
         vcpus: None,
         memory_mib: None,
+        publish: Vec::new(),
+        allow_outbound: None,
     };
     let created = c.create_environment(&branch).await.expect("branch");
     assert_eq!(created.branch, Some(timings()));
@@ -608,6 +613,8 @@ fn routes_match_the_openapi_spec() {
         from: None,
         vcpus: None,
         memory_mib: None,
+        publish: Vec::new(),
+        allow_outbound: None,
     };
     let n = "{name}";
     let routes = [

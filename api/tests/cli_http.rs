@@ -18,6 +18,8 @@ fn branch(name: &str, from: &str) -> CreateEnvironment {
         from: Some(from.into()),
         vcpus: None,
         memory_mib: None,
+        publish: Vec::new(),
+        allow_outbound: None,
     }
 }
 

@@ -11,7 +11,7 @@ use grove_api::error::{ApiError, ErrorBody};
 use grove_api::http::ROUTES;
 use grove_api::model::{
     BranchTimings, CreateEnvironment, CreateImage, EnvState, Environment, EnvironmentCreated,
-    Event, Image, Snapshot,
+    Event, Image, PublishedPort, Snapshot,
 };
 use serde::Serialize;
 
@@ -229,6 +229,16 @@ fn environment() -> Environment {
         snapshot: Some("p@1".into()),
         exit_reason: Some("x".into()),
         pid: Some(1),
+        address: Some("10.213.0.2".into()),
+        allow_outbound: Some(false),
+        ports: vec![port()],
+    }
+}
+
+fn port() -> PublishedPort {
+    PublishedPort {
+        guest_port: 8080,
+        host_addr: "127.0.0.1:41234".into(),
     }
 }
 
@@ -257,6 +267,7 @@ fn schemas_match_the_model_types() {
             }),
         ),
         ("Environment", keys(&environment())),
+        ("PublishedPort", keys(&port())),
         ("BranchTimings", keys(&timings())),
         (
             "EnvironmentCreated",
@@ -315,6 +326,8 @@ fn schemas_match_the_model_types() {
                 from: Some("p".into()),
                 vcpus: Some(1),
                 memory_mib: Some(1),
+                publish: vec![80],
+                allow_outbound: Some(true),
             }),
         ),
     ];

@@ -78,12 +78,25 @@ enum Command {
         /// Memory in MiB (default: the daemon's).
         #[arg(long, value_name = "MIB")]
         memory: Option<u64>,
+        /// Publish this guest TCP port on a port of the daemon's host (repeatable).
+        #[arg(long, value_name = "PORT")]
+        publish: Vec<u16>,
+        /// Do not let the guest open connections out of its network namespace.
+        #[arg(long)]
+        no_outbound: bool,
     },
     /// Branch a new environment from a running one: memory and disk, in milliseconds.
     Branch {
         name: String,
         #[arg(long, value_name = "PARENT")]
         from: String,
+        /// Publish this guest TCP port on a port of the daemon's host (repeatable).
+        #[arg(long, value_name = "PORT")]
+        publish: Vec<u16>,
+        /// Let the guest open connections out of its network namespace (a branch cannot by
+        /// default).
+        #[arg(long)]
+        allow_outbound: bool,
     },
     /// Show one environment.
     Show { name: String },
@@ -251,6 +264,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             image,
             vcpus,
             memory,
+            publish,
+            no_outbound,
         } => {
             let req = CreateEnvironment {
                 name,
@@ -258,21 +273,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 from: None,
                 vcpus,
                 memory_mib: memory,
+                publish,
+                allow_outbound: no_outbound.then_some(false),
             };
             if json {
                 return raw(Route::CreateEnvironment(&req)).await;
             }
             let created = client.create_environment(&req).await?;
             let env = &created.environment;
-            out(&format!("created {}: {}\n", env.name, summary(env)))
+            out(&format!(
+                "created {}: {}\n{}",
+                env.name,
+                summary(env),
+                port_lines(env)
+            ))
         }
-        Command::Branch { name, from } => {
+        Command::Branch {
+            name,
+            from,
+            publish,
+            allow_outbound,
+        } => {
             let req = CreateEnvironment {
                 name,
                 image: None,
                 from: Some(from),
                 vcpus: None,
                 memory_mib: None,
+                publish,
+                allow_outbound: allow_outbound.then_some(true),
             };
             if json {
                 return raw(Route::CreateEnvironment(&req)).await;
@@ -282,6 +311,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let parent = req.from.as_deref().unwrap_or_default();
             let mut text = format!("branched {} from {parent}: {}\n", env.name, summary(env));
             text += &timings(parent, &env.name, created.branch.as_ref());
+            text += &port_lines(env);
             out(&text)
         }
         Command::Show { name } if json => raw(Route::GetEnvironment(&name)).await,
@@ -541,6 +571,27 @@ fn summary(env: &Environment) -> String {
     text
 }
 
+/// `  port 8080 on 127.0.0.1:41234`, one line per published port.
+fn port_lines(env: &Environment) -> String {
+    env.ports
+        .iter()
+        .map(|p| format!("  port {} on {}\n", p.guest_port, p.host_addr))
+        .collect()
+}
+
+/// `8080→127.0.0.1:41234 5432→127.0.0.1:41235`, or `-`.
+fn ports_cell(env: &Environment) -> String {
+    if env.ports.is_empty() {
+        return "-".into();
+    }
+    let cells: Vec<String> = env
+        .ports
+        .iter()
+        .map(|p| format!("{}→{}", p.guest_port, p.host_addr))
+        .collect();
+    cells.join(" ")
+}
+
 fn timings(parent: &str, child: &str, timings: Option<&BranchTimings>) -> String {
     match timings {
         Some(t) => format!(
@@ -611,6 +662,8 @@ fn environments_tree(envs: &[Environment], now: u64) -> String {
     let parent_of = |e: &Environment| e.parent.as_deref().and_then(index_of);
     let mut printed = vec![false; envs.len()];
     let mut rows = Vec::with_capacity(envs.len());
+    // The PORTS column only when some environment publishes a port.
+    let with_ports = envs.iter().any(|e| !e.ports.is_empty());
     // Depth-first with an explicit stack of (index, prefix for its children, its own marker).
     let roots: Vec<usize> = (0..envs.len())
         .filter(|&i| parent_of(&envs[i]).is_none())
@@ -629,14 +682,18 @@ fn environments_tree(envs: &[Environment], now: u64) -> String {
             }
             printed[i] = true;
             let env = &envs[i];
-            rows.push(vec![
+            let mut row = vec![
                 format!("{indent}{marker}{}", env.name),
                 state_name(env.state).to_string(),
                 env.image.clone(),
                 env.vcpus.to_string(),
                 format!("{} MiB", env.memory_mib),
                 ago(env.created, now),
-            ]);
+            ];
+            if with_ports {
+                row.push(ports_cell(env));
+            }
+            rows.push(row);
             let children: Vec<usize> = (0..envs.len())
                 .filter(|&c| !printed[c] && parent_of(&envs[c]) == Some(i))
                 .collect();
@@ -652,7 +709,11 @@ fn environments_tree(envs: &[Environment], now: u64) -> String {
             }
         }
     }
-    table(&["NAME", "STATE", "IMAGE", "VCPUS", "MEM", "CREATED"], rows)
+    let mut header = vec!["NAME", "STATE", "IMAGE", "VCPUS", "MEM", "CREATED"];
+    if with_ports {
+        header.push("PORTS");
+    }
+    table(&header, rows)
 }
 
 fn details(env: &Environment, now: u64) -> String {
@@ -678,6 +739,16 @@ fn details(env: &Environment, now: u64) -> String {
     }
     if let Some(reason) = &env.exit_reason {
         lines.push(("exit reason", reason.clone()));
+    }
+    if let Some(address) = &env.address {
+        lines.push(("address", address.clone()));
+    }
+    if let Some(allow) = env.allow_outbound {
+        let outbound = if allow { "allowed" } else { "denied" };
+        lines.push(("outbound", outbound.to_string()));
+    }
+    for p in &env.ports {
+        lines.push(("port", format!("{} on {}", p.guest_port, p.host_addr)));
     }
     lines
         .into_iter()
