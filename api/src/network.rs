@@ -432,15 +432,34 @@ pub fn teardown(net: &EnvNetwork) -> Result<(), NetworkError> {
             "ip netns delete",
         )?;
     }
-    if Path::new("/sys/class/net").join(&net.veth).exists() {
-        run(
-            "ip",
-            &["link", "delete", "dev", &net.veth],
-            "",
-            "ip link delete",
-        )?;
+    // The kernel dismantles a namespace's devices asynchronously; the veth pair goes with
+    // them once the namespace's last user (a VMM still exiting) is gone.
+    for _ in 0..100 {
+        if !interface_exists(&net.veth) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(())
+    let deleted = run(
+        "ip",
+        &["link", "delete", "dev", &net.veth],
+        "",
+        "ip link delete",
+    );
+    match deleted {
+        Err(_) if !interface_exists(&net.veth) => Ok(()),
+        other => other,
+    }
+}
+
+/// Whether this thread's network namespace has an interface `name` (asked of the kernel,
+/// not of `/sys`, which shows the namespace it was mounted in).
+fn interface_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: if_nametoindex reads the NUL-terminated name and touches nothing else.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
 }
 
 /// The named namespaces whose names start with `prefix`.

@@ -381,11 +381,18 @@ impl<B: Backend> Orchestrator<B> {
             Some(EnvState::Starting),
         );
         let started = Instant::now();
+        let netns = match self
+            .create_network(&row, req.allow_outbound.unwrap_or(true), &req.publish)
+            .await
+        {
+            Ok(netns) => netns,
+            Err(e) => {
+                self.abandon(&row).await;
+                self.emit("environment", &req.name, "deleted", None);
+                return Err(e);
+            }
+        };
         let result = async {
-            let netns = self
-                .create_network(&row, req.allow_outbound.unwrap_or(true), &req.publish)
-                .await
-                .map_err(|e| e.message)?;
             self.backend
                 .create_overlay(&row.dir.join(DISK), &image.rootfs, DiskFormat::Raw)?;
             self.backend

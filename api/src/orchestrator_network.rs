@@ -80,12 +80,21 @@ impl<B: Backend> Orchestrator<B> {
             .ok_or_else(|| ApiError::internal("the network row vanished"))?;
         let backend = self.backend.clone();
         let made = net.clone();
+        let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || backend.setup_network(&made))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(|e| {
                 ApiError::internal(format!("cannot set up the network of {}: {e}", row.name))
             })?;
+        log::info!(
+            "environment {}: network namespace {} at {} (outbound {}) in {:.1} ms",
+            row.name,
+            net.netns,
+            net.ns_addr,
+            if allow_outbound { "allowed" } else { "denied" },
+            started.elapsed().as_secs_f64() * 1000.0
+        );
         for &port in ports {
             self.publish(row.id, &net, port, None)
                 .map_err(|e| ApiError::internal(format!("cannot publish port {port}: {e}")))?;

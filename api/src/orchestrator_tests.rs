@@ -558,6 +558,9 @@ async fn networked_environments_get_an_address_a_namespace_and_ports() {
         .unwrap_err();
     assert_eq!(e.status, 409, "{e}");
     assert!(s.orch.get_environment("y").await.is_err());
+    let e = s.orch.create_environment(boot_req("y")).await.unwrap_err();
+    assert_eq!(e.status, 409, "{e}");
+    assert!(s.orch.get_environment("y").await.is_err());
     assert_eq!(s.fake.namespaces.lock().unwrap().len(), 2);
 
     // Sync keeps the namespace, the address and the ports.
