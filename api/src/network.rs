@@ -64,6 +64,12 @@ pub enum NetworkError {
     PoolFull { pool: Ipv4Net, slots: u32 },
     #[error("interface name {0:?} is longer than 15 bytes; use a shorter --veth-prefix")]
     IfName(String),
+    #[error("invalid {what} {value:?}: {reason}")]
+    Prefix {
+        what: &'static str,
+        value: String,
+        reason: &'static str,
+    },
     #[error(
         "cannot run {program} (is it installed? groved's networking needs iproute2 and nftables)"
     )]
@@ -164,7 +170,39 @@ impl Default for NetworkConfig {
     }
 }
 
+/// Longest veth prefix: leaves room for 7-digit environment ids in a 15-byte name.
+pub const MAX_VETH_PREFIX: usize = 8;
+
 impl NetworkConfig {
+    /// Checks the names it will give: both prefixes non-empty, of letters, digits, `-` and
+    /// `_`, the veth prefix at most [`MAX_VETH_PREFIX`] bytes.
+    pub fn validate(&self) -> Result<(), NetworkError> {
+        for (what, value, max) in [
+            ("namespace prefix", &self.netns_prefix, 64),
+            ("veth prefix", &self.veth_prefix, MAX_VETH_PREFIX),
+        ] {
+            let bad = |reason| NetworkError::Prefix {
+                what,
+                value: value.clone(),
+                reason,
+            };
+            if value.is_empty() || value.len() > max {
+                return Err(bad(if value.is_empty() {
+                    "it is empty"
+                } else {
+                    "it is too long"
+                }));
+            }
+            if !value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(bad("use letters, digits, '-' and '_'"));
+            }
+        }
+        Ok(())
+    }
+
     /// The network of environment `env_id` in its `slot` of the pool.
     pub fn env_network(
         &self,

@@ -47,6 +47,24 @@ fn pools_parse_and_hand_out_one_slash_30_per_environment() {
     assert_eq!(config.env_id_of("grove-x"), None);
     assert_eq!(config.env_id_of("other-12"), None);
     assert_eq!(config.host_table(), "grove_gv");
+    config.validate().unwrap();
+    for (netns, veth) in [
+        ("", "gv"),
+        ("grove-", ""),
+        ("a/b", "gv"),
+        ("grove-", "veth-prefix"),
+        ("x", "g v"),
+    ] {
+        let bad = NetworkConfig {
+            netns_prefix: netns.into(),
+            veth_prefix: veth.into(),
+            ..NetworkConfig::default()
+        };
+        assert!(
+            matches!(bad.validate(), Err(NetworkError::Prefix { .. })),
+            "{netns:?} {veth:?}"
+        );
+    }
 }
 
 #[test]

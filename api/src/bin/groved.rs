@@ -56,7 +56,8 @@ struct Args {
         requires = "network"
     )]
     netns_prefix: String,
-    /// Names of the host ends of the environments' veth pairs: PREFIX<id> (at most 15 bytes).
+    /// Names of the host ends of the environments' veth pairs: PREFIX<id> (prefix at most 8
+    /// bytes).
     #[arg(
         long,
         value_name = "PREFIX",
@@ -103,6 +104,7 @@ impl Args {
             publish_addr: self.publish_addr,
             publish_ports,
         };
+        config.validate()?;
         grove_api::network::ensure_host(&config)
             .map_err(|e| anyhow::anyhow!("cannot prepare the host for networking: {e:#}"))?;
         Ok(Some(config))
