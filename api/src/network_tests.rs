@@ -150,10 +150,7 @@ async fn a_published_port_carries_connections_both_ways_until_dropped() {
     drop(proxy);
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut rest)).await;
-    assert!(
-        matches!(read, Ok(Ok(_)) | Ok(Err(_))),
-        "the connection ended"
-    );
+    assert!(read.is_ok(), "the open connection ended with the proxy");
     assert!(
         TcpStream::connect(host).await.is_err(),
         "nothing listens any more"
