@@ -8,6 +8,7 @@ use std::time::Duration;
 use vmm::disk::DiskFormat;
 
 use crate::model::HookResult;
+use crate::network::EnvNetwork;
 
 /// A VM to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +19,9 @@ pub struct VmSpec {
     pub initrd: Option<PathBuf>,
     pub vcpus: u8,
     pub memory_mib: u64,
+    /// The network namespace to run in, with a virtio-net device on its `tap0` (the guest's
+    /// fixed MAC); `None` for a VM without network.
+    pub netns: Option<String>,
 }
 
 /// A VMM that answers on its control socket.
@@ -105,12 +109,14 @@ pub trait Backend: Send + Sync + 'static {
     fn create_overlay(&self, path: &Path, backing: &Path, format: DiskFormat) -> BResult<()>;
     /// Boots a VM on `spec.dir/disk.qcow2`; resolves once its control socket answers.
     fn boot(&self, spec: &VmSpec) -> impl Future<Output = BResult<Running>> + Send;
-    /// Restores `snapshot` in `dir` with its disk on a new overlay at `overlay`.
+    /// Restores `snapshot` in `dir` with its disk on a new overlay at `overlay`, in the
+    /// network namespace `netns` if given (a saved network device reopens its TAP there).
     fn restore(
         &self,
         dir: &Path,
         snapshot: &Path,
         overlay: &Path,
+        netns: Option<&str>,
     ) -> impl Future<Output = BResult<Running>> + Send;
     /// Snapshots the VM in `dir` into the directory `into` (memory and disk together); the
     /// VM keeps running.
@@ -155,4 +161,11 @@ pub trait Backend: Send + Sync + 'static {
         data: Vec<u8>,
         mode: Option<u32>,
     ) -> impl Future<Output = Result<(), AgentError>> + Send;
+    /// Creates an environment's network namespace, TAP, veth pair and firewall
+    /// ([`crate::network::setup`]). Blocks for a few milliseconds.
+    fn setup_network(&self, net: &EnvNetwork) -> BResult<()>;
+    /// Removes an environment's network namespace and veth; Ok if they are gone.
+    fn teardown_network(&self, net: &EnvNetwork) -> BResult<()>;
+    /// The network namespaces whose names start with `prefix`.
+    fn network_namespaces(&self, prefix: &str) -> Vec<String>;
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod http;
 pub mod model;
 pub mod names;
+pub mod network;
 pub mod orchestrator;
 pub mod paths;
 pub mod service;

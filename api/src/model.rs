@@ -69,10 +69,30 @@ pub struct Environment {
     pub exit_reason: Option<String>,
     /// Its VMM process, while it runs.
     pub pid: Option<u32>,
+    /// Its address on the daemon's host (every port of the guest is reached there), when
+    /// the daemon networks environments (`docs/networking.md`).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Whether the guest may open connections out of its namespace; null without a network.
+    #[serde(default)]
+    pub allow_outbound: Option<bool>,
+    /// Guest TCP ports published on the host.
+    #[serde(default)]
+    pub ports: Vec<PublishedPort>,
+}
+
+/// A guest TCP port the daemon forwards from a host address (a preview address).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishedPort {
+    pub guest_port: u16,
+    /// `ip:port` where the daemon's host listens.
+    pub host_addr: String,
 }
 
 /// `POST /v1/environments`: `{name, image, vcpus, memory_mib}` boots a new environment;
-/// `{name, from}` branches one from a running environment.
+/// `{name, from}` branches one from a running environment. Either may add `publish` and
+/// `allow_outbound`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateEnvironment {
@@ -92,6 +112,13 @@ pub struct CreateEnvironment {
     /// unique.
     #[serde(default)]
     pub agent: Option<bool>,
+    /// Guest TCP ports to publish on the host, each on a port of its own.
+    #[serde(default)]
+    pub publish: Vec<u16>,
+    /// Whether the guest may open connections out of its namespace. Default: yes when
+    /// booted from an image, no when branched.
+    #[serde(default)]
+    pub allow_outbound: Option<bool>,
 }
 
 /// How long a branch took.

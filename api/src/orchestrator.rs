@@ -34,6 +34,7 @@ use crate::model::{
     Event, ExecRequest, ExecResult, Image, Readiness, Snapshot,
 };
 use crate::names;
+use crate::network::{NetworkConfig, Proxies};
 use crate::service::{Result, Service};
 use crate::store::{EnvRow, LayerRow, SnapshotRow, Store, StoreError};
 use crate::supervisor::{CONSOLE, DISK};
@@ -135,11 +136,25 @@ pub struct Orchestrator<B: Backend> {
     metrics: Mutex<Metrics>,
     build_default: ImageBuilder,
     me: std::sync::Weak<Orchestrator<B>>,
+    /// How environments are networked; `None`: they have no network.
+    net: Option<NetworkConfig>,
+    /// The ports published for environments.
+    proxies: Proxies,
 }
 
 impl<B: Backend> Orchestrator<B> {
     /// Opens the data directory (creating it) and its database.
     pub fn open(data: &Path, backend: B, build_default: ImageBuilder) -> anyhow::Result<Arc<Self>> {
+        Self::open_with_network(data, backend, build_default, None)
+    }
+
+    /// [`Self::open`], networking every new environment as `net` says (`docs/networking.md`).
+    pub fn open_with_network(
+        data: &Path,
+        backend: B,
+        build_default: ImageBuilder,
+        net: Option<NetworkConfig>,
+    ) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(data.join("envs"))?;
         std::fs::create_dir_all(data.join("snapshots"))?;
         let store = Store::open(&data.join("grove.db"))?;
@@ -153,6 +168,8 @@ impl<B: Backend> Orchestrator<B> {
             metrics: Mutex::new(Metrics::default()),
             build_default,
             me: me.clone(),
+            net,
+            proxies: Proxies::default(),
         }))
     }
 
@@ -183,7 +200,8 @@ impl<B: Backend> Orchestrator<B> {
         self.data.join("envs").join(id.to_string())
     }
 
-    fn public(row: &EnvRow) -> Environment {
+    fn public(&self, row: &EnvRow) -> Environment {
+        let (address, allow_outbound, ports) = self.network_view(row.id);
         Environment {
             name: row.name.clone(),
             parent: row.parent.clone(),
@@ -195,6 +213,9 @@ impl<B: Backend> Orchestrator<B> {
             snapshot: row.snapshot.clone(),
             exit_reason: row.exit_reason.clone(),
             pid: row.pid,
+            address,
+            allow_outbound,
+            ports,
         }
     }
 
@@ -275,6 +296,7 @@ impl<B: Backend> Orchestrator<B> {
             }
         }
         self.gc()?;
+        self.recover_network()?;
         Ok(())
     }
 
@@ -380,6 +402,7 @@ impl<B: Backend> Orchestrator<B> {
             self.backend.remove(&row.dir.join(f));
         }
         let _ = std::fs::remove_dir(&row.dir);
+        self.remove_network(row.id).await;
     }
 
     async fn boot(&self, req: CreateEnvironment, image_name: String) -> Result<EnvironmentCreated> {
@@ -388,6 +411,7 @@ impl<B: Backend> Orchestrator<B> {
             .image(&image_name)?
             .ok_or_else(|| ApiError::not_found(format!("no image {image_name:?}")))?;
         let (vcpus, memory_mib) = Self::check_resources(req.vcpus, req.memory_mib)?;
+        self.check_network_request(&req)?;
         let mut row = self.reserve(EnvRow {
             id: 0,
             name: req.name.clone(),
@@ -410,6 +434,17 @@ impl<B: Backend> Orchestrator<B> {
             Some(EnvState::Starting),
         );
         let started = Instant::now();
+        let netns = match self
+            .create_network(&row, req.allow_outbound.unwrap_or(true), &req.publish)
+            .await
+        {
+            Ok(netns) => netns,
+            Err(e) => {
+                self.abandon(&row).await;
+                self.emit("environment", &req.name, "deleted", None);
+                return Err(e);
+            }
+        };
         let result = async {
             self.backend
                 .create_overlay(&row.dir.join(DISK), &image.rootfs, DiskFormat::Raw)?;
@@ -420,6 +455,7 @@ impl<B: Backend> Orchestrator<B> {
                     initrd: image.initrd.clone(),
                     vcpus,
                     memory_mib,
+                    netns,
                 })
                 .await
         }
@@ -448,7 +484,7 @@ impl<B: Backend> Orchestrator<B> {
                 self.emit("environment", &row.name, "state", Some(EnvState::Running));
                 log::info!("environment {} booted in {:.1} ms", row.name, ms(started));
                 Ok(EnvironmentCreated {
-                    environment: Self::public(&row),
+                    environment: self.public(&row),
                     branch: None,
                     ready,
                 })
@@ -600,9 +636,10 @@ impl<B: Backend> Orchestrator<B> {
             ApiError::internal(format!("snapshot {} froze no disk layer", snap.id))
         })?;
         let overlay = row.dir.join(DISK);
+        let netns = self.env_network(row.id)?.map(|n| n.netns);
         let running = self
             .backend
-            .restore(&row.dir, &snap.dir, &overlay)
+            .restore(&row.dir, &snap.dir, &overlay, netns.as_deref())
             .await
             .map_err(|e| ApiError::internal(format!("cannot restore {}: {e}", row.name)))?;
         row.state = EnvState::Running;
@@ -631,6 +668,7 @@ impl<B: Backend> Orchestrator<B> {
                 "a branch has its parent's vcpus and memory; leave them out",
             ));
         }
+        self.check_network_request(&req)?;
         let mut row = self.reserve(EnvRow {
             id: 0,
             name: req.name.clone(),
@@ -655,7 +693,14 @@ impl<B: Backend> Orchestrator<B> {
         let lock = self.lock_for(&row.name);
         let _guard = lock.lock().await;
         let result = async {
-            let (snap, snapshot_ms) = self.take_snapshot(&from).await?;
+            // The clone's namespace is made while the parent is snapshotted.
+            let allow_outbound = req.allow_outbound.unwrap_or(false);
+            let (snapshot, network) = tokio::join!(
+                self.take_snapshot(&from),
+                self.create_network(&row, allow_outbound, &req.publish)
+            );
+            let (snap, snapshot_ms) = snapshot?;
+            network?;
             let restore_ms = self.restore_into(&mut row, &snap).await?;
             let timings = BranchTimings {
                 parent_pause_ms: snap.pause_ms,
@@ -680,7 +725,7 @@ impl<B: Backend> Orchestrator<B> {
                     m.parent_pause_ms_sum += timings.parent_pause_ms;
                 }
                 Ok(EnvironmentCreated {
-                    environment: Self::public(&row),
+                    environment: self.public(&row),
                     branch: Some(timings),
                     ready,
                 })
@@ -718,7 +763,7 @@ impl<B: Backend> Orchestrator<B> {
         done.map_err(|e| ApiError::internal(format!("cannot {verb} {name}: {e}")))?;
         self.store.set_state(name, to, row.pid, None)?;
         self.emit("environment", name, "state", Some(to));
-        Ok(Self::public(&self.env_row(name)?))
+        Ok(self.public(&self.env_row(name)?))
     }
 
     /// Stops the environment's VMM if it runs and deletes its overlay and run files.
@@ -838,7 +883,7 @@ impl<B: Backend> Service for Orchestrator<B> {
             .rev()
             .collect();
         while let Some(r) = stack.pop() {
-            out.push(Self::public(r));
+            out.push(self.public(r));
             stack.extend(
                 rows.iter()
                     .filter(|c| c.parent.as_deref() == Some(r.name.as_str()))
@@ -866,7 +911,7 @@ impl<B: Backend> Service for Orchestrator<B> {
     }
 
     async fn get_environment(&self, name: &str) -> Result<Environment> {
-        Ok(Self::public(&self.env_row(name)?))
+        Ok(self.public(&self.env_row(name)?))
     }
 
     async fn delete_environment(&self, name: &str, force: bool) -> Result<()> {
@@ -884,6 +929,7 @@ impl<B: Backend> Service for Orchestrator<B> {
         self.store.delete_env(name)?;
         self.gc()?;
         let _ = std::fs::remove_dir(&row.dir);
+        self.remove_network(row.id).await;
         self.emit("environment", name, "deleted", None);
         Ok(())
     }
@@ -954,7 +1000,7 @@ impl<B: Backend> Service for Orchestrator<B> {
             }
         };
         Ok(EnvironmentCreated {
-            environment: Self::public(&row),
+            environment: self.public(&row),
             branch: Some(BranchTimings {
                 parent_pause_ms: snap.pause_ms,
                 snapshot_ms,
@@ -1119,6 +1165,9 @@ impl<B: Backend> Service for Orchestrator<B> {
         out
     }
 }
+
+#[path = "orchestrator_network.rs"]
+mod network;
 
 #[cfg(test)]
 #[path = "orchestrator_tests.rs"]

@@ -13,6 +13,7 @@ use crate::backend::{
     AgentError, BResult, Backend, Frozen, GuestCommand, GuestOutput, Prepare, Running, VmSpec,
 };
 use crate::model::{CreateEnvironment, CreateImage, EnvState, ExecRequest, HookResult};
+use crate::network::{EnvNetwork, NetworkConfig};
 use crate::orchestrator::Orchestrator;
 use crate::service::Service;
 
@@ -26,6 +27,8 @@ struct Fake {
     prepare: Mutex<Result<Vec<HookResult>, AgentError>>,
     /// Guest files, by (environment directory, path).
     files: Mutex<HashMap<(PathBuf, String), Vec<u8>>>,
+    /// Network namespaces made and not yet removed.
+    namespaces: Mutex<HashSet<String>>,
 }
 
 impl Default for Fake {
@@ -37,6 +40,7 @@ impl Default for Fake {
             calls: Mutex::default(),
             prepare: Mutex::new(Ok(Vec::new())),
             files: Mutex::default(),
+            namespaces: Mutex::default(),
         }
     }
 }
@@ -76,13 +80,26 @@ impl Backend for FakeBackend {
     }
 
     async fn boot(&self, spec: &VmSpec) -> BResult<Running> {
-        self.0.log(format!("boot {}", spec.dir.display()));
+        self.0.log(format!(
+            "boot {} netns={:?}",
+            spec.dir.display(),
+            spec.netns
+        ));
         Ok(self.0.start())
     }
 
-    async fn restore(&self, dir: &Path, snapshot: &Path, overlay: &Path) -> BResult<Running> {
-        self.0
-            .log(format!("restore {} {}", dir.display(), snapshot.display()));
+    async fn restore(
+        &self,
+        dir: &Path,
+        snapshot: &Path,
+        overlay: &Path,
+        netns: Option<&str>,
+    ) -> BResult<Running> {
+        self.0.log(format!(
+            "restore {} {} netns={netns:?}",
+            dir.display(),
+            snapshot.display()
+        ));
         std::fs::write(overlay, b"clone").map_err(|e| e.to_string())?;
         Ok(self.0.start())
     }
@@ -202,6 +219,29 @@ impl Backend for FakeBackend {
             .insert((dir.to_path_buf(), path.to_string()), data);
         Ok(())
     }
+    fn setup_network(&self, net: &EnvNetwork) -> BResult<()> {
+        self.0.log(format!(
+            "net-up {} {} outbound={}",
+            net.netns, net.ns_addr, net.allow_outbound
+        ));
+        self.0.namespaces.lock().unwrap().insert(net.netns.clone());
+        Ok(())
+    }
+
+    fn teardown_network(&self, net: &EnvNetwork) -> BResult<()> {
+        self.0.log(format!("net-down {}", net.netns));
+        self.0.namespaces.lock().unwrap().remove(&net.netns);
+        Ok(())
+    }
+
+    fn network_namespaces(&self, prefix: &str) -> Vec<String> {
+        let namespaces = self.0.namespaces.lock().unwrap();
+        namespaces
+            .iter()
+            .filter(|n| n.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
 }
 
 struct Setup {
@@ -226,15 +266,24 @@ fn setup(tag: &str) -> Setup {
 }
 
 fn open(data: &Path, fake: &Arc<Fake>) -> Arc<Orchestrator<FakeBackend>> {
+    open_net(data, fake, None)
+}
+
+fn open_net(
+    data: &Path,
+    fake: &Arc<Fake>,
+    net: Option<NetworkConfig>,
+) -> Arc<Orchestrator<FakeBackend>> {
     let files = data.join("image");
     std::fs::create_dir_all(&files).unwrap();
     std::fs::write(files.join("vmlinux"), b"k").unwrap();
     std::fs::write(files.join("rootfs.ext4"), b"r").unwrap();
     let (k, r) = (files.join("vmlinux"), files.join("rootfs.ext4"));
-    Orchestrator::open(
+    Orchestrator::open_with_network(
         data,
         FakeBackend(fake.clone()),
         Arc::new(move || Ok((k.clone(), r.clone()))),
+        net,
     )
     .unwrap()
 }
@@ -260,6 +309,8 @@ fn boot_req(name: &str) -> CreateEnvironment {
         vcpus: None,
         memory_mib: None,
         agent: None,
+        publish: Vec::new(),
+        allow_outbound: None,
     }
 }
 
@@ -271,6 +322,8 @@ fn branch_req(name: &str, from: &str) -> CreateEnvironment {
         vcpus: None,
         memory_mib: None,
         agent: None,
+        publish: Vec::new(),
+        allow_outbound: None,
     }
 }
 
@@ -659,4 +712,197 @@ async fn exec_and_files_go_through_the_agent_of_a_running_environment() {
         s.orch.read_file("main", "/etc/x").await.unwrap_err().status,
         409
     );
+}
+
+/// A networked daemon whose pool holds two environments.
+fn setup_net(tag: &str) -> Setup {
+    let mut s = setup(tag);
+    s.orch = open_net(&s.data, &s.fake, Some(net_config()));
+    s
+}
+
+fn net_config() -> NetworkConfig {
+    NetworkConfig {
+        pool: "10.99.0.0/29".parse().unwrap(),
+        netns_prefix: "grove-t-".into(),
+        ..NetworkConfig::default()
+    }
+}
+
+fn calls(s: &Setup, prefix: &str) -> Vec<String> {
+    let calls = s.fake.calls.lock().unwrap();
+    calls
+        .iter()
+        .filter(|c| c.starts_with(prefix))
+        .cloned()
+        .collect()
+}
+
+async fn refused(addr: &str) -> bool {
+    tokio::net::TcpStream::connect(addr).await.is_err()
+}
+
+#[tokio::test]
+async fn networked_environments_get_an_address_a_namespace_and_ports() {
+    let s = setup_net("net");
+    with_image(&s).await;
+    let main = s
+        .orch
+        .create_environment(CreateEnvironment {
+            publish: vec![8080, 5432],
+            ..boot_req("main")
+        })
+        .await
+        .unwrap()
+        .environment;
+    assert_eq!(main.address.as_deref(), Some("10.99.0.2"));
+    assert_eq!(
+        main.allow_outbound,
+        Some(true),
+        "a boot may go out by default"
+    );
+    let ports: Vec<u16> = main.ports.iter().map(|p| p.guest_port).collect();
+    assert_eq!(ports, [5432, 8080]);
+    for p in &main.ports {
+        assert!(p.host_addr.starts_with("127.0.0.1:"), "{p:?}");
+        // The daemon listens there (the fake guest is unreachable, so the proxy hangs up).
+        tokio::net::TcpStream::connect(&p.host_addr).await.unwrap();
+    }
+    let boot = calls(&s, "boot ");
+    assert!(boot[0].ends_with("netns=Some(\"grove-t-1\")"), "{boot:?}");
+    assert_eq!(
+        calls(&s, "net-up"),
+        ["net-up grove-t-1 10.99.0.2 outbound=true"]
+    );
+
+    // A branch: its own namespace and address, no outbound unless asked, the guest the same.
+    let x = s
+        .orch
+        .create_environment(CreateEnvironment {
+            publish: vec![8080],
+            ..branch_req("x", "main")
+        })
+        .await
+        .unwrap()
+        .environment;
+    assert_eq!(x.address.as_deref(), Some("10.99.0.6"));
+    assert_eq!(x.allow_outbound, Some(false));
+    assert_ne!(x.ports[0].host_addr, main.ports[1].host_addr);
+    let restore = calls(&s, "restore ");
+    assert!(
+        restore[0].ends_with("netns=Some(\"grove-t-2\")"),
+        "{restore:?}"
+    );
+    assert_eq!(s.orch.get_environment("x").await.unwrap(), x);
+    let listed = s.orch.list_environments().await.unwrap();
+    assert_eq!(listed[1], x);
+
+    // The pool is full: refused, and nothing of the attempt stays.
+    let e = s
+        .orch
+        .create_environment(branch_req("y", "main"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 409, "{e}");
+    assert!(s.orch.get_environment("y").await.is_err());
+    let e = s.orch.create_environment(boot_req("y")).await.unwrap_err();
+    assert_eq!(e.status, 409, "{e}");
+    assert!(s.orch.get_environment("y").await.is_err());
+    assert_eq!(s.fake.namespaces.lock().unwrap().len(), 2);
+
+    // Sync keeps the namespace, the address and the ports.
+    let synced = s.orch.sync("x").await.unwrap().environment;
+    assert_eq!((synced.address, synced.ports), (x.address, x.ports.clone()));
+    let restore = calls(&s, "restore ");
+    assert!(
+        restore[1].ends_with("netns=Some(\"grove-t-2\")"),
+        "{restore:?}"
+    );
+
+    // Delete: the namespace goes, the ports close, the address is free again.
+    s.orch.delete_environment("x", false).await.unwrap();
+    assert!(refused(&x.ports[0].host_addr).await);
+    assert!(!s.fake.namespaces.lock().unwrap().contains("grove-t-2"));
+    let z = s
+        .orch
+        .create_environment(CreateEnvironment {
+            allow_outbound: Some(true),
+            ..branch_req("z", "main")
+        })
+        .await
+        .unwrap()
+        .environment;
+    assert_eq!(z.address.as_deref(), Some("10.99.0.6"));
+    assert_eq!(z.allow_outbound, Some(true));
+}
+
+#[tokio::test]
+async fn network_requests_are_checked() {
+    let s = setup("net-off");
+    with_image(&s).await;
+    for req in [
+        CreateEnvironment {
+            publish: vec![80],
+            ..boot_req("a")
+        },
+        CreateEnvironment {
+            allow_outbound: Some(false),
+            ..boot_req("a")
+        },
+    ] {
+        let e = s.orch.create_environment(req).await.unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("--network"), "{e}");
+    }
+    let main = s.orch.create_environment(boot_req("main")).await.unwrap();
+    assert_eq!(main.environment.address, None);
+    assert_eq!(main.environment.allow_outbound, None);
+    assert!(main.environment.ports.is_empty());
+    assert!(calls(&s, "boot ")[0].ends_with("netns=None"));
+
+    let s = setup_net("net-bad");
+    with_image(&s).await;
+    for publish in [vec![0], vec![80, 80], (1..=33).collect()] {
+        let req = CreateEnvironment {
+            publish,
+            ..boot_req("a")
+        };
+        let e = s.orch.create_environment(req).await.unwrap_err();
+        assert_eq!(e.status, 400, "{e}");
+    }
+    assert!(s.fake.namespaces.lock().unwrap().is_empty());
+    assert!(s.orch.store().networks().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_restart_publishes_ports_again_and_sweeps_stray_namespaces() {
+    let s = setup_net("net-restart");
+    with_image(&s).await;
+    let main = s
+        .orch
+        .create_environment(CreateEnvironment {
+            publish: vec![80],
+            ..boot_req("main")
+        })
+        .await
+        .unwrap()
+        .environment;
+    let addr = main.ports[0].host_addr.clone();
+    // The old daemon goes away with its listeners; a namespace without an environment and
+    // one of another daemon's prefix are on the host.
+    s.orch.proxies.remove(1);
+    assert!(refused(&addr).await);
+    s.fake
+        .namespaces
+        .lock()
+        .unwrap()
+        .extend(["grove-t-77".to_string(), "other-3".to_string()]);
+    let again = open_net(&s.data, &s.fake, Some(net_config()));
+    again.recover().unwrap();
+    let main = again.get_environment("main").await.unwrap();
+    assert_eq!(main.ports[0].host_addr, addr, "the same preview address");
+    tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let left: HashSet<String> = s.fake.namespaces.lock().unwrap().clone();
+    let expected: HashSet<String> = ["grove-t-1", "other-3"].map(String::from).into();
+    assert_eq!(left, expected);
 }

@@ -13,8 +13,29 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use crate::model::{EnvState, Image};
 
-/// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+/// The schema version this build writes (`PRAGMA user_version`): [`SCHEMA`] is version 1,
+/// and `MIGRATIONS[i]` takes a database from version `i + 1` to `i + 2`.
+const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
+
+/// Schema changes, oldest first. A database is brought to [`SCHEMA_VERSION`] by running the
+/// ones it lacks, in one transaction with the version bump.
+const MIGRATIONS: &[&str] = &[
+    // 2: networking. One /30 of the pool per environment (its slot) and its outbound choice;
+    // the TCP ports published for it. Both go with the environment's row.
+    "
+CREATE TABLE networks (
+    env_id         INTEGER PRIMARY KEY REFERENCES environments(id) ON DELETE CASCADE,
+    slot           INTEGER NOT NULL UNIQUE,
+    allow_outbound INTEGER NOT NULL
+);
+CREATE TABLE ports (
+    env_id     INTEGER NOT NULL REFERENCES environments(id) ON DELETE CASCADE,
+    guest_port INTEGER NOT NULL,
+    host_addr  TEXT NOT NULL,
+    PRIMARY KEY (env_id, guest_port)
+);
+",
+];
 
 const SCHEMA: &str = "
 CREATE TABLE images (
@@ -88,6 +109,22 @@ pub struct SnapshotRow {
     pub frozen_layer: Option<PathBuf>,
 }
 
+/// An environment's network as stored: its slot in the pool and its outbound choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkRow {
+    pub env_id: i64,
+    pub slot: u32,
+    pub allow_outbound: bool,
+}
+
+/// A published port as stored: the environment's TCP port and where the host listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRow {
+    pub env_id: i64,
+    pub guest_port: u16,
+    pub host_addr: String,
+}
+
 /// A frozen disk layer as stored: its file, the layer below it, the environment whose
 /// directory holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +140,8 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("{0} already exists")]
     Exists(String),
+    #[error("no free address: all {0} /30 subnets of the network pool are in use")]
+    PoolFull(u32),
     #[error(
         "the database at {path} has schema version {found}; this groved knows {SCHEMA_VERSION}"
     )]
@@ -195,19 +234,20 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        match version {
-            0 => {
-                conn.execute_batch(&format!(
-                    "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                ))?;
-            }
-            SCHEMA_VERSION => {}
+        let pending = match version {
+            0 => format!("{SCHEMA}{}", MIGRATIONS.concat()),
+            1..=SCHEMA_VERSION => MIGRATIONS[usize::try_from(version - 1).unwrap_or(0)..].concat(),
             found => {
                 return Err(StoreError::Schema {
                     path: path.display().to_string(),
                     found,
                 })
             }
+        };
+        if version != SCHEMA_VERSION {
+            conn.execute_batch(&format!(
+                "BEGIN; {pending} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            ))?;
         }
         Ok(Self {
             conn: Mutex::new(conn),
@@ -466,6 +506,79 @@ impl Store {
         Ok(())
     }
 
+    // Networks and published ports.
+
+    /// Gives environment `env_id` the lowest free slot of `0..slots` (one /30 of the pool
+    /// each) in one transaction.
+    pub fn allocate_network(
+        &self,
+        env_id: i64,
+        slots: u32,
+        allow_outbound: bool,
+    ) -> Result<NetworkRow> {
+        self.transaction(|tx| {
+            let used = {
+                let mut stmt = tx.prepare("SELECT slot FROM networks")?;
+                let rows = stmt.query_map([], |r| r.get::<_, u32>(0))?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            let slot =
+                crate::network::first_free_slot(&used, slots).ok_or(StoreError::PoolFull(slots))?;
+            tx.execute(
+                "INSERT INTO networks (env_id, slot, allow_outbound) VALUES (?1, ?2, ?3)",
+                params![env_id, slot, allow_outbound],
+            )?;
+            Ok(NetworkRow {
+                env_id,
+                slot,
+                allow_outbound,
+            })
+        })
+    }
+
+    pub fn networks(&self) -> Result<Vec<NetworkRow>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT env_id, slot, allow_outbound FROM networks ORDER BY env_id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(NetworkRow {
+                env_id: r.get(0)?,
+                slot: r.get(1)?,
+                allow_outbound: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn network(&self, env_id: i64) -> Result<Option<NetworkRow>> {
+        Ok(self.networks()?.into_iter().find(|n| n.env_id == env_id))
+    }
+
+    /// Records (or moves) a published port.
+    pub fn set_port(&self, port: &PortRow) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO ports (env_id, guest_port, host_addr) VALUES (?1, ?2, ?3)",
+            params![port.env_id, port.guest_port, port.host_addr],
+        )?;
+        Ok(())
+    }
+
+    /// Every published port, by environment and guest port.
+    pub fn ports(&self) -> Result<Vec<PortRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT env_id, guest_port, host_addr FROM ports ORDER BY env_id, guest_port",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(PortRow {
+                env_id: r.get(0)?,
+                guest_port: r.get(1)?,
+                host_addr: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// The next number for a snapshot of `env` (`<env>@<n>` ids).
     pub fn next_snapshot_number(&self, env: &str) -> Result<u64> {
         let n: i64 = self.conn().query_row(
@@ -587,6 +700,90 @@ mod tests {
         });
         assert!(r.is_err());
         assert!(s.envs().unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_and_keeps_its_rows() {
+        let dir = std::env::temp_dir().join(format!("grove-store-v1-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("grove.db");
+        {
+            // What a version-1 groved wrote.
+            let conn = Connection::open(&db).unwrap();
+            conn.execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version = 1; COMMIT;"))
+                .unwrap();
+            conn.execute(
+                "INSERT INTO images (name, kernel, rootfs, initrd, created) \
+                 VALUES ('default', '/k', '/r', NULL, 1)",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                &format!(
+                    "INSERT INTO environments ({}) VALUES (4, 'main', NULL, 'default', \
+                     'running', 1, 128, 2, NULL, NULL, 99, '/d/envs/4', '/r')",
+                    ENV_COLUMNS
+                ),
+                [],
+            )
+            .unwrap();
+        }
+        let s = Store::open(&db).unwrap();
+        let version: i64 = s
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let main = s.env("main").unwrap().unwrap();
+        assert_eq!((main.id, main.pid), (4, Some(99)));
+        // The environment from before networking has no network until it gets one.
+        assert_eq!(s.network(4).unwrap(), None);
+        let row = s.allocate_network(4, 8, false).unwrap();
+        assert_eq!((row.slot, row.allow_outbound), (0, false));
+        drop(s);
+        // Opening again migrates nothing twice.
+        let s = Store::open(&db).unwrap();
+        assert_eq!(s.network(4).unwrap(), Some(row));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn networks_take_the_lowest_free_slot_and_leave_with_their_environment() {
+        let (dir, s) = temp_db("net");
+        s.insert_image(&image("default")).unwrap();
+        let a = s.reserve_env(&env("a", None)).unwrap();
+        let b = s.reserve_env(&env("b", Some("a"))).unwrap();
+        let c = s.reserve_env(&env("c", Some("a"))).unwrap();
+        assert_eq!(s.allocate_network(a, 2, true).unwrap().slot, 0);
+        assert_eq!(s.allocate_network(b, 2, false).unwrap().slot, 1);
+        assert!(matches!(
+            s.allocate_network(c, 2, false),
+            Err(StoreError::PoolFull(2))
+        ));
+        // One network per environment.
+        assert!(s.allocate_network(a, 8, true).is_err());
+        s.set_port(&PortRow {
+            env_id: b,
+            guest_port: 8080,
+            host_addr: "127.0.0.1:40000".into(),
+        })
+        .unwrap();
+        s.set_port(&PortRow {
+            env_id: b,
+            guest_port: 8080,
+            host_addr: "127.0.0.1:40001".into(),
+        })
+        .unwrap();
+        assert_eq!(s.ports().unwrap().len(), 1);
+        assert_eq!(s.ports().unwrap()[0].host_addr, "127.0.0.1:40001");
+        // Deleting the environment frees its slot and its ports.
+        s.delete_env("b").unwrap();
+        assert_eq!(s.network(b).unwrap(), None);
+        assert!(s.ports().unwrap().is_empty());
+        assert_eq!(s.allocate_network(c, 2, false).unwrap().slot, 1);
+        assert_eq!(s.networks().unwrap().len(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

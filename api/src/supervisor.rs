@@ -10,13 +10,14 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
+use vmm::config::NetConfig;
 use vmm::control::client::ControlClient;
 use vmm::control::protocol::{Request, Response, SnapshotRequest};
 use vmm::disk::{DiskFormat, LayerRecord};
@@ -29,6 +30,7 @@ use crate::backend::{
     MAX_EXEC_OUTPUT,
 };
 use crate::model::HookResult;
+use crate::network::{self, EnvNetwork};
 
 pub const DISK: &str = "disk.qcow2";
 pub const CONTROL: &str = "control.sock";
@@ -73,10 +75,12 @@ impl Supervisor {
         PathBuf::from("grove-vmm")
     }
 
+    /// Starts `grove-vmm ARGS` for `dir`, in the network namespace `netns` if given.
     fn spawn(
         &self,
         dir: &Path,
         args: &[String],
+        netns: Option<&str>,
     ) -> Result<(u32, Arc<tokio::sync::Mutex<Child>>), String> {
         let log = OpenOptions::new()
             .create(true)
@@ -109,9 +113,28 @@ impl Supervisor {
             .stderr(log)
             .process_group(0)
             .kill_on_drop(false);
+        // Kept open until the child has started: it joins the namespace through it.
+        let ns = netns
+            .map(|name| network::open_netns(name).map_err(|e| e.to_string()))
+            .transpose()?;
+        if let Some(ns) = &ns {
+            let fd = ns.as_raw_fd();
+            // SAFETY: the closure runs in the child between fork and exec and only calls
+            // setns(2), which is async-signal-safe; `fd` stays open in the parent (and so in
+            // the child) until spawn returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", self.vmm_bin.display()))?;
+        drop(ns);
         let pid = child.id().ok_or("the VMM exited at once")?;
         let child = Arc::new(tokio::sync::Mutex::new(child));
         self.children
@@ -248,6 +271,13 @@ impl Backend for Supervisor {
             guest_cid: GUEST_CID,
             uds_path: spec.dir.join(VSOCK),
         });
+        if spec.netns.is_some() {
+            config.net = vec![NetConfig {
+                tap: network::TAP_NAME.into(),
+                mac: Some(network::GUEST_MAC.into()),
+                id: None,
+            }];
+        }
         let json = serde_json::to_vec_pretty(&config).map_err(|e| e.to_string())?;
         let config_path = spec.dir.join("vm.json");
         std::fs::write(&config_path, json)
@@ -262,6 +292,7 @@ impl Backend for Supervisor {
                 "--control".into(),
                 spec.dir.join(CONTROL).to_string_lossy().into_owned(),
             ],
+            spec.netns.as_deref(),
         )?;
         self.wait_ready(&spec.dir, &child).await?;
         Ok(Running {
@@ -275,6 +306,7 @@ impl Backend for Supervisor {
         dir: &Path,
         snapshot: &Path,
         overlay: &Path,
+        netns: Option<&str>,
     ) -> Result<Running, String> {
         let started = Instant::now();
         let (pid, child) = self.spawn(
@@ -292,6 +324,7 @@ impl Backend for Supervisor {
                 "--vsock-override".into(),
                 dir.join(VSOCK).to_string_lossy().into_owned(),
             ],
+            netns,
         )?;
         self.wait_ready(dir, &child).await?;
         Ok(Running {
@@ -514,6 +547,18 @@ impl Backend for Supervisor {
         })
         .await
     }
+
+    fn setup_network(&self, net: &EnvNetwork) -> Result<(), String> {
+        network::setup(net).map_err(|e| error_chain(&e))
+    }
+
+    fn teardown_network(&self, net: &EnvNetwork) -> Result<(), String> {
+        network::teardown(net).map_err(|e| error_chain(&e))
+    }
+
+    fn network_namespaces(&self, prefix: &str) -> Vec<String> {
+        network::namespaces(prefix)
+    }
 }
 
 /// How long a request to a running guest's agent waits for it to answer at first.
@@ -569,4 +614,16 @@ fn connect_agent(
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
+}
+
+/// An error and its causes, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

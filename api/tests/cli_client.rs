@@ -18,7 +18,7 @@ use bytes::Bytes;
 use grove_api::client::{Client, ClientError, Route, MAX_CONSOLE_INPUT};
 use grove_api::model::{
     BranchTimings, CreateEnvironment, CreateImage, EnvState, Environment, EnvironmentCreated,
-    Event, ExecRequest, Image, Snapshot,
+    Event, ExecRequest, Image, PublishedPort, Snapshot,
 };
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
@@ -271,6 +271,14 @@ fn route(method: &str, path: &str, body: &str) -> Reply {
             let mut env = env(&req.name, req.from.as_deref(), EnvState::Running);
             env.vcpus = req.vcpus.unwrap_or(env.vcpus);
             env.memory_mib = req.memory_mib.unwrap_or(env.memory_mib);
+            env.ports = req
+                .publish
+                .iter()
+                .map(|&guest_port| PublishedPort {
+                    guest_port,
+                    host_addr: format!("127.0.0.1:{}", 40000 + u32::from(guest_port)),
+                })
+                .collect();
             let branch = req.from.is_some().then(timings);
             json(
                 201,
@@ -392,6 +400,9 @@ fn env(name: &str, parent: Option<&str>, state: EnvState) -> Environment {
         snapshot: parent.map(|p| format!("{p}@1")),
         exit_reason: None,
         pid: (state == EnvState::Running).then_some(4242),
+        address: None,
+        allow_outbound: None,
+        ports: Vec::new(),
     }
 }
 
@@ -404,9 +415,23 @@ fn environments() -> Vec<Environment> {
         env("feature/x", Some("main"), EnvState::Running),
         env("feature/x/deep", Some("feature/x"), EnvState::Paused),
         stopped,
-        env("staging", None, EnvState::Running),
+        staging(),
         env("orphan", Some("gone"), EnvState::Failed),
     ]
+}
+
+/// An environment of a networked daemon with two published ports.
+fn staging() -> Environment {
+    let mut staging = env("staging", None, EnvState::Running);
+    staging.address = Some("10.213.0.2".to_string());
+    staging.allow_outbound = Some(false);
+    staging.ports = [(8080, 41234), (5432, 41235)]
+        .map(|(guest_port, host)| PublishedPort {
+            guest_port,
+            host_addr: format!("127.0.0.1:{host}"),
+        })
+        .to_vec();
+    staging
 }
 
 fn timings() -> BranchTimings {
@@ -515,6 +540,8 @@ async fn client_sends_every_route_and_parses_the_answers() {
         vcpus: None,
         memory_mib: None,
         agent: None,
+        publish: Vec::new(),
+        allow_outbound: None,
     };
     let created = c.create_environment(&branch).await.expect("branch");
     assert_eq!(created.branch, Some(timings()));
@@ -612,6 +639,8 @@ fn routes_match_the_openapi_spec() {
         vcpus: None,
         memory_mib: None,
         agent: None,
+        publish: Vec::new(),
+        allow_outbound: None,
     };
     let exec = ExecRequest {
         argv: vec!["true".into()],
@@ -817,13 +846,13 @@ async fn grove_ls_prints_the_tree() {
     assert_eq!(
         stdout(&out),
         "\
-NAME                  STATE    IMAGE    VCPUS  MEM      CREATED
-main                  running  default  2      512 MiB  2m ago
-├─ feature/x          running  default  2      512 MiB  2m ago
-│  └─ feature/x/deep  paused   default  2      512 MiB  2m ago
-└─ hotfix             stopped  default  2      512 MiB  2m ago
-staging               running  default  2      512 MiB  2m ago
-orphan                failed   default  2      512 MiB  2m ago
+NAME                  STATE    IMAGE    VCPUS  MEM      CREATED  PORTS
+main                  running  default  2      512 MiB  2m ago   -
+├─ feature/x          running  default  2      512 MiB  2m ago   -
+│  └─ feature/x/deep  paused   default  2      512 MiB  2m ago   -
+└─ hotfix             stopped  default  2      512 MiB  2m ago   -
+staging               running  default  2      512 MiB  2m ago   8080→127.0.0.1:41234 5432→127.0.0.1:41235
+orphan                failed   default  2      512 MiB  2m ago   -
 "
     );
     assert!(out.stderr.is_empty());
@@ -875,6 +904,11 @@ async fn grove_prints_readable_answers() {
             "created web: running, 4 vCPUs, 1024 MiB, image default, pid 4242\n",
         ),
         (
+            &["create", "web", "--image", "default", "--publish", "80"],
+            "created web: running, 2 vCPUs, 512 MiB, image default, pid 4242\n  \
+             port 80 on 127.0.0.1:40080\n",
+        ),
+        (
             &["branch", "feature/y", "--from", "main"],
             "branched feature/y from main: running, 2 vCPUs, 512 MiB, image default, pid 4242\n  \
              main paused for 12.5 ms\n  \
@@ -916,6 +950,19 @@ async fn grove_prints_readable_answers() {
         assert!(text.contains(line), "{text}");
     }
     assert!(!text.contains("pid:"), "{text}");
+    assert!(!text.contains("address:"), "{text}");
+
+    let out = fake.grove(&["show", "staging"]).await;
+    assert_ok(&out);
+    let text = stdout(&out);
+    for line in [
+        "address:     10.213.0.2\n",
+        "outbound:    denied\n",
+        "port:        8080 on 127.0.0.1:41234\n",
+        "port:        5432 on 127.0.0.1:41235\n",
+    ] {
+        assert!(text.contains(line), "{text}");
+    }
 }
 
 #[tokio::test]
@@ -926,6 +973,43 @@ async fn grove_sends_what_the_command_says() {
     assert_eq!(sent["name"], "web");
     assert_eq!(sent["image"], "default");
     assert_eq!(sent["from"], serde_json::Value::Null);
+    assert_eq!(sent["publish"], serde_json::json!([]));
+    assert_eq!(sent["allow_outbound"], serde_json::Value::Null);
+    let args = [
+        "create",
+        "web2",
+        "--image",
+        "default",
+        "--publish",
+        "80",
+        "--no-outbound",
+    ];
+    assert_ok(&fake.grove(&args).await);
+    let sent: CreateEnvironment = serde_json::from_str(&fake.last().body).expect("JSON");
+    assert_eq!((sent.publish, sent.allow_outbound), (vec![80], Some(false)));
+    let args = [
+        "branch",
+        "b",
+        "--from",
+        "main",
+        "--publish",
+        "80",
+        "--publish",
+        "443",
+        "--allow-outbound",
+    ];
+    assert_ok(&fake.grove(&args).await);
+    let sent: CreateEnvironment = serde_json::from_str(&fake.last().body).expect("JSON");
+    assert_eq!(
+        (sent.publish, sent.allow_outbound),
+        (vec![80, 443], Some(true))
+    );
+    assert_ok(&fake.grove(&["branch", "c", "--from", "main"]).await);
+    let sent: CreateEnvironment = serde_json::from_str(&fake.last().body).expect("JSON");
+    assert_eq!(
+        sent.allow_outbound, None,
+        "the daemon's default for branches"
+    );
 
     // Relative paths become absolute: the daemon does not share our working directory.
     assert_ok(

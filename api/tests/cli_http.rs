@@ -19,6 +19,8 @@ fn branch(name: &str, from: &str) -> CreateEnvironment {
         vcpus: None,
         memory_mib: None,
         agent: None,
+        publish: Vec::new(),
+        allow_outbound: None,
     }
 }
 

@@ -11,7 +11,7 @@ use grove_api::error::{ApiError, ErrorBody};
 use grove_api::http::ROUTES;
 use grove_api::model::{
     BranchTimings, CreateEnvironment, CreateImage, EnvState, Environment, EnvironmentCreated,
-    Event, ExecRequest, ExecResult, HookResult, Image, Readiness, Snapshot,
+    Event, ExecRequest, ExecResult, HookResult, Image, PublishedPort, Readiness, Snapshot,
 };
 use serde::Serialize;
 
@@ -229,6 +229,16 @@ fn environment() -> Environment {
         snapshot: Some("p@1".into()),
         exit_reason: Some("x".into()),
         pid: Some(1),
+        address: Some("10.213.0.2".into()),
+        allow_outbound: Some(false),
+        ports: vec![port()],
+    }
+}
+
+fn port() -> PublishedPort {
+    PublishedPort {
+        guest_port: 8080,
+        host_addr: "127.0.0.1:41234".into(),
     }
 }
 
@@ -270,6 +280,7 @@ fn schemas_match_the_model_types() {
             }),
         ),
         ("Environment", keys(&environment())),
+        ("PublishedPort", keys(&port())),
         ("BranchTimings", keys(&timings())),
         (
             "EnvironmentCreated",
@@ -343,6 +354,8 @@ fn schemas_match_the_model_types() {
                 vcpus: Some(1),
                 memory_mib: Some(1),
                 agent: Some(true),
+                publish: vec![80],
+                allow_outbound: Some(true),
             }),
         ),
     ];

@@ -79,6 +79,14 @@ pub enum BuildError {
     BadSnapshot { path: String, reason: String },
     #[error("--disk-override {0}: the snapshot has no disk with that id")]
     UnknownDisk(String),
+    #[error("network device {id}: invalid MAC address")]
+    Mac {
+        id: String,
+        #[source]
+        source: crate::devices::virtio::net::MacAddrError,
+    },
+    #[error("cannot pick a random MAC address")]
+    RandomMac(#[source] std::io::Error),
 }
 
 /// How to run a VM besides its configuration.
@@ -102,6 +110,8 @@ pub struct RestoreOptions {
     /// Listen for vsock connections here instead of the saved socket path (a clone running
     /// beside its source cannot take the source's socket).
     pub vsock_override: Option<PathBuf>,
+    /// (network device id, TAP) pairs: attach to these TAPs instead of the saved ones.
+    pub net_overrides: Vec<(String, String)>,
 }
 
 /// Builds the VM described by `config` and starts it. `start` is when the VMM started, for
@@ -241,8 +251,10 @@ pub fn restore(
     start: Instant,
 ) -> Result<Vmm, BuildError> {
     let dir = &options.snapshot;
-    let state = snapshot::read_state(dir)?;
+    let mut state = snapshot::read_state(dir)?;
     check_state(dir, &state)?;
+    crate::device_manager::apply_net_overrides(&mut state.devices, &options.net_overrides)
+        .map_err(DeviceError::from)?;
     // A diff snapshot's whole chain is resolved and every memory file verified here.
     let chain = snapshot::resolve_chain(dir, &state.memory)?;
     let disk_overrides = resolve_overrides(&state.config, &options.disk_overrides)?;
@@ -412,7 +424,32 @@ fn setup_devices(
     if let Some(vsock) = &config.vsock {
         devices.attach_vsock(vm, vsock)?;
     }
+    attach_nets(config, vm, &mut devices)?;
     Ok(devices)
+}
+
+/// One virtio-net device per `config.net` entry, after every other virtio device.
+fn attach_nets(config: &VmConfig, vm: &Vm, devices: &mut DeviceManager) -> Result<(), BuildError> {
+    use crate::devices::virtio::net::{MacAddr, NetDeviceConfig};
+    for (i, net) in config.net.iter().enumerate() {
+        let id = net.id_or_default(i);
+        let mac = match &net.mac {
+            Some(text) => text.parse().map_err(|source| BuildError::Mac {
+                id: id.clone(),
+                source,
+            })?,
+            None => MacAddr::random().map_err(BuildError::RandomMac)?,
+        };
+        devices.attach_net(
+            vm,
+            NetDeviceConfig {
+                tap: net.tap.clone(),
+                mac,
+                id,
+            },
+        )?;
+    }
+    Ok(())
 }
 
 /// Base command line (the config's or the default), PVM extras, the root device, and one

@@ -68,6 +68,28 @@ impl DiskConfig {
     }
 }
 
+/// A virtio-net device on a host TAP (`docs/networking.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The TAP's interface name in the VMM's network namespace (at most 15 bytes); created
+    /// if it does not exist.
+    pub tap: String,
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx` (unicast); random when absent.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// The device's name in snapshots and for `--net-override`; defaults to `netN`.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl NetConfig {
+    /// The id of the `index`-th network device.
+    pub fn id_or_default(&self, index: usize) -> String {
+        self.id.clone().unwrap_or_else(|| format!("net{index}"))
+    }
+}
+
 /// A whole VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +128,9 @@ pub struct VmConfig {
     /// a `grove-vmm` that predates the field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    /// Network devices (virtio-net over TAP), in order.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
 }
 
 /// Longest `uds_path`: `<uds_path>_<port>` (up to 11 more bytes) must still fit a socket
@@ -154,6 +179,10 @@ pub enum ConfigError {
         "disk {path}: max_chain_depth must be between 1 and {MAX_CHAIN_DEPTH_LIMIT}, got {depth}"
     )]
     ChainDepth { path: String, depth: usize },
+    #[error("network device TAP {tap:?}: {reason}")]
+    NetTap { tap: String, reason: String },
+    #[error("network device id {0:?} is used twice")]
+    DuplicateNetId(String),
 }
 
 impl VmConfig {
@@ -172,6 +201,7 @@ impl VmConfig {
             track_dirty_pages: false,
             rng: true,
             vsock: None,
+            net: Vec::new(),
         }
     }
 
@@ -240,6 +270,35 @@ impl VmConfig {
         }
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
+        }
+        self.validate_net()
+    }
+
+    /// Network devices: valid, distinct TAP names, unicast MACs, distinct ids.
+    fn validate_net(&self) -> Result<(), ConfigError> {
+        let mut taps = HashSet::new();
+        let mut ids = HashSet::new();
+        for (i, net) in self.net.iter().enumerate() {
+            let bad = |reason: String| ConfigError::NetTap {
+                tap: net.tap.clone(),
+                reason,
+            };
+            crate::devices::virtio::net::tap::check_ifname(&net.tap)
+                .map_err(|r| bad(r.to_string()))?;
+            if !taps.insert(net.tap.as_str()) {
+                return Err(bad("attached twice".into()));
+            }
+            if let Some(mac) = &net.mac {
+                mac.parse::<crate::devices::virtio::net::MacAddr>()
+                    .map_err(|e| bad(e.to_string()))?;
+            }
+            let id = net.id_or_default(i);
+            if id.is_empty() || id.contains('=') {
+                return Err(bad(format!("invalid id {id:?}")));
+            }
+            if !ids.insert(id.clone()) {
+                return Err(ConfigError::DuplicateNetId(id));
+            }
         }
         Ok(())
     }
@@ -366,6 +425,53 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("unknown field `cid`"), "{err}");
+    }
+
+    #[test]
+    fn network_devices_are_checked() {
+        let net = |tap: &str, mac: Option<&str>, id: Option<&str>| NetConfig {
+            tap: tap.into(),
+            mac: mac.map(String::from),
+            id: id.map(String::from),
+        };
+        let mut c = valid();
+        c.net = vec![
+            net("tap0", Some("06:00:ac:10:00:02"), None),
+            net("tap1", None, Some("uplink")),
+        ];
+        c.validate(None).unwrap();
+        assert_eq!(c.net[0].id_or_default(0), "net0");
+        for bad in [
+            vec![net("", None, None)],
+            vec![net("sixteen-bytes-xx", None, None)],
+            vec![net("a/b", None, None)],
+            vec![net("tap0", Some("06:00:ac:10:00"), None)],
+            vec![net("tap0", Some("01:00:5e:00:00:01"), None)],
+            vec![net("tap0", None, None), net("tap0", None, None)],
+            vec![net("tap0", None, Some("a=b"))],
+        ] {
+            let mut c = valid();
+            c.net = bad;
+            assert!(
+                matches!(c.validate(None), Err(ConfigError::NetTap { .. })),
+                "{:?}",
+                c.net
+            );
+        }
+        let mut c = valid();
+        c.net = vec![net("tap0", None, Some("net1")), net("tap1", None, None)];
+        assert_eq!(
+            c.validate(None),
+            Err(ConfigError::DuplicateNetId("net1".into()))
+        );
+        let c: VmConfig = serde_json::from_str(
+            r#"{"kernel":"/k","net":[{"tap":"tap0","mac":"06:00:ac:10:00:02"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.net, vec![net("tap0", Some("06:00:ac:10:00:02"), None)]);
+        let err = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","net":[{"if":"tap0"}]}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("unknown field `if`"), "{err}");
     }
 
     #[test]

@@ -81,6 +81,11 @@ struct RestoreArgs {
     /// goes next to the frozen layer.
     #[arg(long, value_name = "ID=PATH")]
     disk_override: Vec<String>,
+    /// Attach a network device to another TAP (repeatable): ID=TAP, where ID is the device's
+    /// id (net0, net1, ... unless the config named them). By default each reopens the TAP of
+    /// the saved name in this process's network namespace.
+    #[arg(long, value_name = "ID=TAP")]
+    net_override: Vec<String>,
     /// Write the guest console to this file instead of standard output.
     #[arg(long, value_name = "FILE")]
     serial: Option<PathBuf>,
@@ -99,7 +104,7 @@ struct RestoreArgs {
 #[derive(Args)]
 struct RunArgs {
     /// JSON VM configuration (see docs/vm-config.md); excludes the VM flags below.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "rootfs", "initrd", "vcpus", "memory", "cmdline", "disk", "cpu_template", "no_rng"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "rootfs", "initrd", "vcpus", "memory", "cmdline", "disk", "cpu_template", "no_rng", "net"])]
     config: Option<PathBuf>,
     /// Guest kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage.
     #[arg(long, value_name = "FILE", required_unless_present = "config")]
@@ -143,6 +148,11 @@ struct RunArgs {
     /// clients connect to (see docs/vsock.md); replaces the config file's `vsock`.
     #[arg(long, value_name = "CID,PATH")]
     vsock: Option<String>,
+    /// Network device on a TAP (repeatable): TAP[,MAC], e.g. tap0,06:00:ac:10:00:02 (a
+    /// random MAC when absent). The TAP is found, or created, in this process's network
+    /// namespace.
+    #[arg(long, value_name = "TAP[,MAC]")]
+    net: Vec<String>,
 }
 
 /// `CID,PATH`: the guest's context id and the host-side Unix socket.
@@ -159,6 +169,22 @@ fn parse_vsock(spec: &str) -> anyhow::Result<VsockConfig> {
     Ok(VsockConfig {
         guest_cid,
         uds_path: PathBuf::from(path),
+    })
+}
+
+/// `TAP[,MAC]`; the MAC is checked with the rest of the configuration.
+fn parse_net(spec: &str) -> anyhow::Result<vmm::config::NetConfig> {
+    let (tap, mac) = match spec.split_once(',') {
+        Some((tap, mac)) => (tap, Some(mac.to_string())),
+        None => (spec, None),
+    };
+    if tap.is_empty() || mac.as_deref() == Some("") {
+        bail!("--net {spec:?}: expected TAP[,MAC]");
+    }
+    Ok(vmm::config::NetConfig {
+        tap: tap.to_string(),
+        mac,
+        id: None,
     })
 }
 
@@ -201,6 +227,11 @@ impl RunArgs {
                     .collect::<Result<_, _>>()?;
                 c.cpu_template = self.cpu_template.unwrap_or_default();
                 c.rng = !self.no_rng;
+                c.net = self
+                    .net
+                    .iter()
+                    .map(|n| parse_net(n))
+                    .collect::<Result<_, _>>()?;
                 c
             }
             (None, None) => bail!("either --kernel or --config is required"),
@@ -298,6 +329,16 @@ fn restore(args: RestoreArgs, start: Instant) -> ExitCode {
                 _ => bail!("--disk-override {spec:?}: expected ID=PATH"),
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let net_overrides = args
+            .net_override
+            .iter()
+            .map(|spec| match spec.split_once('=') {
+                Some((id, tap)) if !id.is_empty() && !tap.is_empty() => {
+                    Ok((id.to_string(), tap.to_string()))
+                }
+                _ => bail!("--net-override {spec:?}: expected ID=TAP"),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let options = RestoreOptions {
             snapshot: args.snapshot,
             control: args.control,
@@ -305,6 +346,7 @@ fn restore(args: RestoreArgs, start: Instant) -> ExitCode {
             paused: args.paused,
             cpu_template: args.cpu_template,
             vsock_override: args.vsock_override,
+            net_overrides,
         };
         let console = console_io(args.serial.as_ref())?;
         Ok(vmm::builder::restore(&options, console, start)?)

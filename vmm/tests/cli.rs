@@ -131,6 +131,25 @@ fn bad_vsock_flags() {
 }
 
 #[test]
+fn bad_network_devices_are_refused_before_the_vm_runs() {
+    let run = |net: &str| grove_vmm(&["run", "--kernel", &test_guest(), "--net", net]);
+    assert_bad_input(&run("tap0,06:00:ac:10:00"), &["tap0", "not a MAC address"]);
+    assert_bad_input(&run("tap0,01:00:5e:00:00:01"), &["multicast"]);
+    assert_bad_input(&run("name-longer-than-15"), &["at most 15 bytes"]);
+    assert_bad_input(&run("tap0,"), &["--net", "TAP[,MAC]"]);
+    let out = grove_vmm(&[
+        "run",
+        "--kernel",
+        &test_guest(),
+        "--net",
+        "tap0",
+        "--net",
+        "tap0",
+    ]);
+    assert_bad_input(&out, &["tap0", "attached twice"]);
+}
+
+#[test]
 fn boots_the_test_guest_and_exits_zero_on_guest_reset() {
     let out = grove_vmm(&[
         "run",

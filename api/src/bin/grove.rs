@@ -83,6 +83,12 @@ enum Command {
         /// The image has no grove agent: do not wait for it (no identity, no exec).
         #[arg(long)]
         no_agent: bool,
+        /// Publish this guest TCP port on a port of the daemon's host (repeatable).
+        #[arg(long, value_name = "PORT")]
+        publish: Vec<u16>,
+        /// Do not let the guest open connections out of its network namespace.
+        #[arg(long)]
+        no_outbound: bool,
     },
     /// Branch a new environment from a running one: memory and disk, in milliseconds.
     Branch {
@@ -93,6 +99,13 @@ enum Command {
         /// hostname, no hooks).
         #[arg(long)]
         no_agent: bool,
+        /// Publish this guest TCP port on a port of the daemon's host (repeatable).
+        #[arg(long, value_name = "PORT")]
+        publish: Vec<u16>,
+        /// Let the guest open connections out of its network namespace (a branch cannot by
+        /// default).
+        #[arg(long)]
+        allow_outbound: bool,
     },
     /// Show one environment.
     Show { name: String },
@@ -315,6 +328,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             vcpus,
             memory,
             no_agent,
+            publish,
+            no_outbound,
         } => {
             let req = CreateEnvironment {
                 name,
@@ -323,6 +338,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 vcpus,
                 memory_mib: memory,
                 agent: no_agent.then_some(false),
+                publish,
+                allow_outbound: no_outbound.then_some(false),
             };
             if json {
                 return raw(Route::CreateEnvironment(&req)).await;
@@ -330,12 +347,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let created = client.create_environment(&req).await?;
             let env = &created.environment;
             let text = format!("created {}: {}\n", env.name, summary(env));
-            out(&(text + &readiness(created.ready.as_ref())))
+            out(&(text + &readiness(created.ready.as_ref()) + &port_lines(env)))
         }
         Command::Branch {
             name,
             from,
             no_agent,
+            publish,
+            allow_outbound,
         } => {
             let req = CreateEnvironment {
                 name,
@@ -344,6 +363,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 vcpus: None,
                 memory_mib: None,
                 agent: no_agent.then_some(false),
+                publish,
+                allow_outbound: allow_outbound.then_some(true),
             };
             if json {
                 return raw(Route::CreateEnvironment(&req)).await;
@@ -354,6 +375,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut text = format!("branched {} from {parent}: {}\n", env.name, summary(env));
             text += &timings(parent, &env.name, created.branch.as_ref());
             text += &readiness(created.ready.as_ref());
+            text += &port_lines(env);
             out(&text)
         }
         Command::Show { name } if json => raw(Route::GetEnvironment(&name)).await,
@@ -728,6 +750,27 @@ fn readiness(ready: Option<&Readiness>) -> String {
     }
 }
 
+/// `  port 8080 on 127.0.0.1:41234`, one line per published port.
+fn port_lines(env: &Environment) -> String {
+    env.ports
+        .iter()
+        .map(|p| format!("  port {} on {}\n", p.guest_port, p.host_addr))
+        .collect()
+}
+
+/// `8080→127.0.0.1:41234 5432→127.0.0.1:41235`, or `-`.
+fn ports_cell(env: &Environment) -> String {
+    if env.ports.is_empty() {
+        return "-".into();
+    }
+    let cells: Vec<String> = env
+        .ports
+        .iter()
+        .map(|p| format!("{}→{}", p.guest_port, p.host_addr))
+        .collect();
+    cells.join(" ")
+}
+
 fn timings(parent: &str, child: &str, timings: Option<&BranchTimings>) -> String {
     match timings {
         Some(t) => format!(
@@ -798,6 +841,8 @@ fn environments_tree(envs: &[Environment], now: u64) -> String {
     let parent_of = |e: &Environment| e.parent.as_deref().and_then(index_of);
     let mut printed = vec![false; envs.len()];
     let mut rows = Vec::with_capacity(envs.len());
+    // The PORTS column only when some environment publishes a port.
+    let with_ports = envs.iter().any(|e| !e.ports.is_empty());
     // Depth-first with an explicit stack of (index, prefix for its children, its own marker).
     let roots: Vec<usize> = (0..envs.len())
         .filter(|&i| parent_of(&envs[i]).is_none())
@@ -816,14 +861,18 @@ fn environments_tree(envs: &[Environment], now: u64) -> String {
             }
             printed[i] = true;
             let env = &envs[i];
-            rows.push(vec![
+            let mut row = vec![
                 format!("{indent}{marker}{}", env.name),
                 state_name(env.state).to_string(),
                 env.image.clone(),
                 env.vcpus.to_string(),
                 format!("{} MiB", env.memory_mib),
                 ago(env.created, now),
-            ]);
+            ];
+            if with_ports {
+                row.push(ports_cell(env));
+            }
+            rows.push(row);
             let children: Vec<usize> = (0..envs.len())
                 .filter(|&c| !printed[c] && parent_of(&envs[c]) == Some(i))
                 .collect();
@@ -839,7 +888,11 @@ fn environments_tree(envs: &[Environment], now: u64) -> String {
             }
         }
     }
-    table(&["NAME", "STATE", "IMAGE", "VCPUS", "MEM", "CREATED"], rows)
+    let mut header = vec!["NAME", "STATE", "IMAGE", "VCPUS", "MEM", "CREATED"];
+    if with_ports {
+        header.push("PORTS");
+    }
+    table(&header, rows)
 }
 
 fn details(env: &Environment, now: u64) -> String {
@@ -865,6 +918,16 @@ fn details(env: &Environment, now: u64) -> String {
     }
     if let Some(reason) = &env.exit_reason {
         lines.push(("exit reason", reason.clone()));
+    }
+    if let Some(address) = &env.address {
+        lines.push(("address", address.clone()));
+    }
+    if let Some(allow) = env.allow_outbound {
+        let outbound = if allow { "allowed" } else { "denied" };
+        lines.push(("outbound", outbound.to_string()));
+    }
+    for p in &env.ports {
+        lines.push(("port", format!("{} on {}", p.guest_port, p.host_addr)));
     }
     lines
         .into_iter()

@@ -1,7 +1,8 @@
 //! `groved`: Grove's daemon. Keeps the state in SQLite under the data directory, supervises
 //! one `grove-vmm` per environment, and serves the HTTP API on a Unix socket (mode 0600) and,
 //! when asked, on TCP with a bearer token. VMMs outlive a restart of the daemon, which
-//! re-attaches to them.
+//! re-attaches to them. With `--network`, every new environment gets a network namespace of
+//! its own (`docs/networking.md`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use grove_api::http::{bind_unix, serve, BearerToken, Listeners};
+use grove_api::network::NetworkConfig;
 use grove_api::orchestrator::Orchestrator;
 use grove_api::paths;
 use grove_api::supervisor::Supervisor;
@@ -33,6 +35,80 @@ struct Args {
     /// File holding the bearer token for TCP clients (at least 16 characters).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Network environments: each VM in a network namespace of its own, with an address
+    /// from --net-pool, NAT, and published ports (needs root, iproute2 and nftables; see
+    /// docs/networking.md).
+    #[arg(long)]
+    network: bool,
+    /// Addresses for environments, one /30 each.
+    #[arg(
+        long,
+        value_name = "CIDR",
+        default_value = "10.213.0.0/16",
+        requires = "network"
+    )]
+    net_pool: String,
+    /// Names of the environments' network namespaces: PREFIX<id>.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "grove-",
+        requires = "network"
+    )]
+    netns_prefix: String,
+    /// Names of the host ends of the environments' veth pairs: PREFIX<id> (prefix at most 8
+    /// bytes).
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "gv",
+        requires = "network"
+    )]
+    veth_prefix: String,
+    /// Address published ports listen on.
+    #[arg(
+        long,
+        value_name = "IP",
+        default_value = "127.0.0.1",
+        requires = "network"
+    )]
+    publish_addr: std::net::IpAddr,
+    /// Take published ports from this range (default: ephemeral ports).
+    #[arg(long, value_name = "LOW-HIGH", requires = "network")]
+    publish_ports: Option<String>,
+}
+
+impl Args {
+    /// The networking configuration, when --network is given; sets up the host side.
+    fn network(&self) -> anyhow::Result<Option<NetworkConfig>> {
+        if !self.network {
+            return Ok(None);
+        }
+        let publish_ports = match &self.publish_ports {
+            None => None,
+            Some(text) => {
+                let range = text
+                    .split_once('-')
+                    .and_then(|(lo, hi)| Some((lo.parse::<u16>().ok()?, hi.parse::<u16>().ok()?)))
+                    .filter(|(lo, hi)| *lo > 0 && lo <= hi)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("--publish-ports {text:?}: expected LOW-HIGH, 1-65535")
+                    })?;
+                Some(range.0..=range.1)
+            }
+        };
+        let config = NetworkConfig {
+            pool: self.net_pool.parse()?,
+            netns_prefix: self.netns_prefix.clone(),
+            veth_prefix: self.veth_prefix.clone(),
+            publish_addr: self.publish_addr,
+            publish_ports,
+        };
+        config.validate()?;
+        grove_api::network::ensure_host(&config)
+            .map_err(|e| anyhow::anyhow!("cannot prepare the host for networking: {e:#}"))?;
+        Ok(Some(config))
+    }
 }
 
 fn build_default_images() -> Result<(PathBuf, PathBuf), String> {
@@ -42,12 +118,14 @@ fn build_default_images() -> Result<(PathBuf, PathBuf), String> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let network = args.network()?;
     let data = args.data_dir.unwrap_or_else(paths::default_data_dir);
     let socket = args.socket.unwrap_or_else(paths::default_socket);
-    let orchestrator = Orchestrator::open(
+    let orchestrator = Orchestrator::open_with_network(
         &data,
         Supervisor::new(Supervisor::find_vmm_bin()),
         Arc::new(build_default_images),
+        network,
     )?;
     orchestrator.recover()?;
     if let Some(parent) = socket.parent() {

@@ -83,6 +83,9 @@ fn env(name: &str, parent: Option<&str>, image: &str) -> Environment {
         snapshot: parent.map(|p| format!("{p}@1")),
         exit_reason: None,
         pid: Some(4242),
+        address: None,
+        allow_outbound: None,
+        ports: Vec::new(),
     }
 }
 

@@ -19,6 +19,7 @@ use crate::devices::legacy::{BootTimer, ConsoleInput, SerialDevice, I8042};
 use crate::devices::virtio::block::{Block, BlockConfig, BlockError};
 use crate::devices::virtio::device_state::PauseGate;
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::net::{Net, NetDeviceConfig, NetError};
 use crate::devices::virtio::rng::{Rng, RngError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
@@ -28,6 +29,7 @@ use crate::vstate::vm::{Vm, VmError};
 
 mod persist;
 
+pub use persist::apply_net_overrides;
 pub use persist::{
     branch_disks, flush_disks, prepare_disk_spares, reassert_interrupts, save_devices,
     DevicesRestoreError, DevicesState, VirtioDeviceState, VirtioKindState,
@@ -60,6 +62,12 @@ pub enum DeviceError {
     OutOfIrqs,
     #[error("cannot restore the devices from the snapshot")]
     Restore(#[from] DevicesRestoreError),
+    #[error("network device {id}")]
+    Net {
+        id: String,
+        #[source]
+        source: NetError,
+    },
 }
 
 /// What placing devices needs from the VM: guest memory and KVM's irqfd and ioeventfd
@@ -101,6 +109,7 @@ pub enum VirtioDeviceHandle {
     Block(Arc<Mutex<Block>>),
     Rng(Arc<Mutex<Rng>>),
     Vsock(Arc<Mutex<Vsock>>),
+    Net(Arc<Mutex<Net>>),
 }
 
 /// One attached virtio device: the device, its transport and where the guest finds it.
@@ -253,6 +262,17 @@ impl DeviceManager {
         self.attach_virtio(vm, VirtioDeviceHandle::Vsock(vsock))
     }
 
+    /// A virtio-net device on a TAP in the VMM's network namespace.
+    pub fn attach_net(
+        &mut self,
+        vm: &dyn DeviceWiring,
+        config: NetDeviceConfig,
+    ) -> Result<(), DeviceError> {
+        let id = config.id.clone();
+        let net = Net::new(config).map_err(|source| DeviceError::Net { id, source })?;
+        self.attach_virtio(vm, VirtioDeviceHandle::Net(Arc::new(Mutex::new(net))))
+    }
+
     /// Places a virtio device behind a new MMIO transport in the next free window and IRQ.
     pub fn attach_virtio(
         &mut self,
@@ -329,6 +349,7 @@ impl VirtioDeviceHandle {
             VirtioDeviceHandle::Block(b) => b.clone(),
             VirtioDeviceHandle::Rng(r) => r.clone(),
             VirtioDeviceHandle::Vsock(v) => v.clone(),
+            VirtioDeviceHandle::Net(n) => n.clone(),
         }
     }
 
@@ -338,6 +359,7 @@ impl VirtioDeviceHandle {
             VirtioDeviceHandle::Block(b) => b.clone(),
             VirtioDeviceHandle::Rng(r) => r.clone(),
             VirtioDeviceHandle::Vsock(v) => v.clone(),
+            VirtioDeviceHandle::Net(n) => n.clone(),
         }
     }
 }

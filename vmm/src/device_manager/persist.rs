@@ -32,6 +32,7 @@ use crate::devices::virtio::block::{Block, BlockRestoreArgs, BlockRestoreError, 
 use crate::devices::virtio::mmio::{
     MmioRestoreError, MmioTransport, MmioTransportRestoreArgs, MmioTransportState,
 };
+use crate::devices::virtio::net::{Net, NetRestoreError, NetState};
 use crate::devices::virtio::rng::{Rng, RngRestoreError, RngState};
 use crate::devices::virtio::vsock::{Vsock, VsockRestoreArgs, VsockRestoreError, VsockState};
 use crate::exit::ExitNotifier;
@@ -65,6 +66,7 @@ pub enum VirtioKindState {
     Block(BlockState),
     Rng(RngState),
     Vsock(VsockState),
+    Net(NetState),
 }
 
 /// Why saved devices cannot be restored.
@@ -100,6 +102,14 @@ pub enum DevicesRestoreError {
     Vsock(#[source] VsockRestoreError),
     #[error("a vsock socket override was given, but the snapshot has no vsock device")]
     NoVsock,
+    #[error("cannot restore network device {id}")]
+    Net {
+        id: String,
+        #[source]
+        source: NetRestoreError,
+    },
+    #[error("--net-override {0}: the snapshot has no network device with that id")]
+    UnknownNet(String),
     #[error("cannot restore the virtio-MMIO transport at {base:#x}")]
     Transport {
         base: u64,
@@ -119,6 +129,7 @@ pub fn save_devices(devices: &Devices) -> DevicesState {
                 VirtioDeviceHandle::Block(b) => VirtioKindState::Block(lock(b).save()),
                 VirtioDeviceHandle::Rng(r) => VirtioKindState::Rng(lock(r).save()),
                 VirtioDeviceHandle::Vsock(v) => VirtioKindState::Vsock(lock(v).save()),
+                VirtioDeviceHandle::Net(n) => VirtioKindState::Net(lock(n).save()),
             };
             VirtioDeviceState {
                 kind,
@@ -326,6 +337,13 @@ impl DeviceManager {
                     let vsock = Vsock::restore(args, vsock).map_err(DevicesRestoreError::Vsock)?;
                     VirtioDeviceHandle::Vsock(Arc::new(Mutex::new(vsock)))
                 }
+                VirtioKindState::Net(net) => {
+                    let net = Net::restore((), net).map_err(|source| DevicesRestoreError::Net {
+                        id: net.id.clone(),
+                        source,
+                    })?;
+                    VirtioDeviceHandle::Net(Arc::new(Mutex::new(net)))
+                }
             };
             let args = MmioTransportRestoreArgs {
                 mem: vm.memory().clone(),
@@ -341,6 +359,27 @@ impl DeviceManager {
         }
         Ok(dm)
     }
+}
+
+/// Applies `--net-override ID=TAP`: the network device `ID` attaches to `TAP` instead of the
+/// TAP it saved. Call on the state before [`DeviceManager::restore`]; the TAP name is checked
+/// there, like a saved one.
+pub fn apply_net_overrides(
+    state: &mut DevicesState,
+    overrides: &[(String, String)],
+) -> Result<(), DevicesRestoreError> {
+    for (id, tap) in overrides {
+        let net = state
+            .virtio
+            .iter_mut()
+            .find_map(|d| match &mut d.kind {
+                VirtioKindState::Net(net) if net.id == *id => Some(net),
+                _ => None,
+            })
+            .ok_or_else(|| DevicesRestoreError::UnknownNet(id.clone()))?;
+        net.tap = tap.clone();
+    }
+    Ok(())
 }
 
 #[cfg(test)]

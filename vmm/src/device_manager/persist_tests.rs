@@ -310,7 +310,7 @@ fn unknown_device_kinds_and_fields_do_not_decode() {
 
     let mut json = good.clone();
     let block = json["virtio"][0]["kind"]["Block"].take();
-    json["virtio"][0]["kind"] = serde_json::json!({ "Net": block });
+    json["virtio"][0]["kind"] = serde_json::json!({ "Gpu": block });
     let e = serde_json::from_value::<DevicesState>(json).unwrap_err();
     assert!(e.to_string().contains("unknown variant"), "{e}");
 

@@ -215,6 +215,20 @@ impl DeviceState {
         }
     }
 
+    /// Runs `f` on queue `index` of an activated device, with guest memory and the interrupt
+    /// line; `None` when the device is not activated or has no such queue. For queues whose
+    /// work is not one chain per notification (a receive queue is filled when data arrives,
+    /// and a chain may have to wait for it), where [`Self::process_queue`] does not fit.
+    pub fn with_queue<R>(
+        &mut self,
+        index: usize,
+        f: impl FnOnce(&GuestMemoryMmap, &mut Queue, &IrqTrigger) -> R,
+    ) -> Option<R> {
+        let active = self.active.as_mut()?;
+        let queue = active.queues.get_mut(index)?;
+        Some(f(&active.mem, queue, &active.interrupt))
+    }
+
     /// `MutEventSubscriber::init`: watch the activation eventfd.
     pub fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {

@@ -14,6 +14,7 @@
 pub mod block;
 pub mod device_state;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
@@ -21,6 +22,7 @@ pub mod vsock;
 
 pub use block::{Block, BlockConfig, BlockError};
 pub use mmio::{MmioError, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
+pub use net::{Net, NetError};
 pub use rng::{Rng, RngError};
 pub use vsock::{Vsock, VsockError};
 
