@@ -7,52 +7,9 @@
 mod e2e_support;
 
 use std::collections::HashSet;
-use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
 
-use base64::Engine as _;
 use e2e_support::*;
 use serde_json::{json, Value};
-
-/// `grove --socket SOCK ARGS...` with `stdin` on its standard input.
-fn grove(sock: &Path, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_grove"))
-        .arg("--socket")
-        .arg(sock)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run grove");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin)
-        .expect("write grove's stdin");
-    child.wait_with_output().expect("grove's output")
-}
-
-/// Runs `argv` in `env` through the API: (exit code, stdout bytes).
-fn exec(sock: &Path, env: &str, argv: &[&str]) -> (Option<i64>, Vec<u8>) {
-    let (status, body) = json_req(
-        sock,
-        "POST",
-        &format!("/v1/environments/{env}/exec"),
-        json!({ "argv": argv }),
-    );
-    assert_eq!(status, 200, "exec {argv:?} in {env}: {body}");
-    let stdout = base64::engine::general_purpose::STANDARD
-        .decode(body["stdout"].as_str().expect("stdout"))
-        .expect("base64 stdout");
-    (body["exit_code"].as_i64(), stdout)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 #[test]
 fn exec_files_and_ten_unique_clones() {

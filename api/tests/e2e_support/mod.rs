@@ -4,6 +4,9 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
+use std::process::Output;
+
+use base64::Engine as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -121,11 +124,17 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(data: &Path, sock: &Path) -> Self {
+        Self::start_with(data, sock, &[])
+    }
+
+    /// A daemon with `extra` arguments (`--network`, ...).
+    pub fn start_with(data: &Path, sock: &Path, extra: &[&str]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_groved"))
             .arg("--data-dir")
             .arg(data)
             .arg("--socket")
             .arg(sock)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -211,6 +220,11 @@ pub struct World {
 
 impl World {
     pub fn start(tag: &str) -> Self {
+        Self::start_with(tag, &[])
+    }
+
+    /// The same with a daemon started with `extra` arguments.
+    pub fn start_with(tag: &str, extra: &[&str]) -> Self {
         assert!(
             Path::new("/dev/kvm").exists(),
             "this test needs KVM: /dev/kvm is missing on this host"
@@ -225,7 +239,7 @@ impl World {
         let cleanup = Cleanup(tmp.clone());
         let data = tmp.join("data");
         let sock = tmp.join("groved.sock");
-        let daemon = Daemon::start(&data, &sock);
+        let daemon = Daemon::start_with(&data, &sock, extra);
         let (status, body) = json_req(
             &sock,
             "POST",
@@ -240,4 +254,43 @@ impl World {
             cleanup,
         }
     }
+}
+
+/// `grove --socket SOCK ARGS...` with `stdin` on its standard input.
+pub fn grove(sock: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_grove"))
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run grove");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("write grove's stdin");
+    child.wait_with_output().expect("grove's output")
+}
+
+/// Runs `argv` in `env` through the API: (exit code, stdout bytes).
+pub fn exec(sock: &Path, env: &str, argv: &[&str]) -> (Option<i64>, Vec<u8>) {
+    let (status, body) = json_req(
+        sock,
+        "POST",
+        &format!("/v1/environments/{env}/exec"),
+        json!({ "argv": argv }),
+    );
+    assert_eq!(status, 200, "exec {argv:?} in {env}: {body}");
+    let stdout = base64::engine::general_purpose::STANDARD
+        .decode(body["stdout"].as_str().expect("stdout"))
+        .expect("base64 stdout");
+    (body["exit_code"].as_i64(), stdout)
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
