@@ -402,6 +402,7 @@ fn setup_devices(
     if config.rng {
         devices.attach_rng(vm)?;
     }
+    devices.attach_vmgenid(vm)?;
     Ok(devices)
 }
 

@@ -202,6 +202,19 @@ pub struct StatusInfo {
     /// The disks in attachment order.
     #[serde(default)]
     pub disks: Vec<DiskStatus>,
+    /// The VM generation ID the guest reads now (ACPI VMGenID; docs/acpi.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmgenid: Option<VmGenIdStatus>,
+}
+
+/// The VM generation ID and where the guest finds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmGenIdStatus {
+    /// The 16 bytes in lower-case hex, in guest-memory order.
+    pub id: String,
+    /// Guest-physical address of the first byte.
+    pub addr: u64,
 }
 
 /// One disk as the VM uses it now.
@@ -372,6 +385,10 @@ mod tests {
                         format: crate::disk::DiskFormat::Qcow2,
                     }],
                 }],
+                vmgenid: Some(VmGenIdStatus {
+                    id: "00112233445566778899aabbccddeeff".into(),
+                    addr: 0xef000,
+                }),
             }),
             Response::Snapshot(SnapshotInfo {
                 dir: "/tmp/s".into(),

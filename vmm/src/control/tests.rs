@@ -38,6 +38,7 @@ fn status_info() -> StatusInfo {
         boot_time_ms: Some(42.5),
         uptime_ms: 1234,
         disks: Vec::new(),
+        vmgenid: None,
     }
 }
 
