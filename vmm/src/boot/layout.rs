@@ -39,6 +39,7 @@ pub const RSDP_START: u64 = ACPI_START;
 pub const VMGENID_ADDR: u64 = 0xe_f000;
 /// End of the region the memory map reserves for the ACPI tables and the VMGenID page.
 pub const ACPI_END: u64 = 0x10_0000;
+const _: () = assert!(ACPI_START < VMGENID_ADDR && VMGENID_ADDR + 0x1000 <= ACPI_END);
 /// Start of high memory: kernels load at or above 1 MiB.
 pub const HIMEM_START: u64 = 0x10_0000;
 

@@ -89,7 +89,7 @@ impl VmGenId {
         id: [u8; VMGENID_LEN],
         change_pending: bool,
     ) -> Result<Self, VmGenIdError> {
-        let fits = addr.0 % 8 == 0
+        let fits = addr.0.is_multiple_of(8)
             && addr
                 .0
                 .checked_add(VMGENID_LEN as u64 - 1)
