@@ -150,7 +150,15 @@ pub fn build_and_start_with(
 
     let cmdline = build_cmdline(config, &devices, pvm)?;
     log::debug!("kernel command line: {cmdline:?}");
-    boot::configure_system(&memory, &kernel, &cmdline, initrd, config.vcpus)?;
+    let acpi_virtio = devices.acpi_virtio_devices();
+    boot::configure_system(
+        &memory,
+        &kernel,
+        &cmdline,
+        initrd,
+        config.vcpus,
+        &acpi_virtio,
+    )?;
 
     let devices = devices.into_devices();
     let supported = kvm.supported_cpuid()?;

@@ -1,11 +1,13 @@
 //! ACPI tables for guests built with ACPI (hardware-reduced): RSDP → XSDT → FADT (→ DSDT)
 //! and MADT, written at [`layout::ACPI_START`] with the rust-vmm `acpi_tables` crate.
 //!
-//! They describe what the MP table describes (one local APIC per vCPU, the IOAPIC, ISA IRQs
-//! identity-mapped, which is ACPI's default, so no overrides) plus what only ACPI can: the
-//! VM generation ID device and the Generic Event Device (GED) that announces its changes.
-//! A kernel with ACPI uses these and ignores the MP table; a kernel without ACPI never looks
-//! here. docs/acpi.md has the whole picture.
+//! They describe what the MP table and the command line describe (one local APIC per vCPU,
+//! the IOAPIC, the serial port, each virtio-MMIO device with its window and GSI) plus what
+//! only ACPI can: the VM generation ID device and the Generic Event Device (GED) that
+//! announces its changes. On x86, a kernel in hardware-reduced ACPI mode has no legacy PIC
+//! and gives an IRQ number only to the interrupts ACPI declares, so every device with an
+//! interrupt is in the DSDT. A kernel with ACPI uses these tables and ignores the MP table; a
+//! kernel without ACPI never looks here. docs/acpi.md has the whole picture.
 
 use acpi_tables::fadt::{FADTBuilder, Flags, FADT};
 use acpi_tables::madt::{
@@ -47,6 +49,10 @@ pub enum AcpiError {
     TooLarge { size: u64 },
     #[error("cannot write the ACPI tables into guest memory")]
     Write(#[source] vm_memory::GuestMemoryError),
+    #[error("virtio-MMIO window {0:#x} is above 4 GiB, which the DSDT cannot describe")]
+    VirtioAbove4G(u64),
+    #[error("{0} virtio devices do not fit in the DSDT's device names")]
+    TooManyVirtioDevices(usize),
 }
 
 /// The tables as laid out in guest memory from [`layout::ACPI_START`].
@@ -72,7 +78,66 @@ fn aml_bytes(table: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-/// The DSDT's AML: the VM generation ID device and the GED under `\_SB`.
+/// A virtio-MMIO device as the DSDT declares it: its 4 KiB window and its GSI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioDevice {
+    pub base: u64,
+    pub irq: u32,
+}
+
+/// Legacy ISA interrupts are edge-triggered and active high, and so are the VMM's irqfd
+/// pulses: every interrupt in the DSDT is declared so.
+fn edge_irq(gsi: u32) -> aml::Interrupt {
+    aml::Interrupt::new(true, true, false, false, gsi)
+}
+
+/// `Device (COM1)`: the 8250 UART at 0x3f8, IRQ 4 (`PNP0501`).
+fn serial_aml() -> Vec<u8> {
+    let io = aml::IO::new(layout::SERIAL_PORT, layout::SERIAL_PORT, 1, 8);
+    let irq = edge_irq(layout::SERIAL_IRQ);
+    aml_bytes(&aml::Device::new(
+        "COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::ONE),
+            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io, &irq])),
+        ],
+    ))
+}
+
+/// `Device (Vnnn)`: a virtio-MMIO device (`LNRO0005`, which Linux's virtio_mmio driver binds).
+fn virtio_aml(index: usize, dev: &VirtioMmioDevice) -> Result<Vec<u8>, AcpiError> {
+    let too_high = || AcpiError::VirtioAbove4G(dev.base);
+    let base = u32::try_from(dev.base).map_err(|_| too_high())?;
+    let window = u32::try_from(layout::MMIO_DEVICE_SIZE).map_err(|_| too_high())?;
+    if index > 999 {
+        return Err(AcpiError::TooManyVirtioDevices(index + 1));
+    }
+    let mem = aml::Memory32Fixed::new(true, base, window);
+    let irq = edge_irq(dev.irq);
+    let uid = index as u64;
+    let name = format!("V{index:03}");
+    Ok(aml_bytes(&aml::Device::new(
+        name.as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"LNRO0005"),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&mem, &irq])),
+        ],
+    )))
+}
+
+/// AML bytes already encoded, to place among other objects.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// The DSDT's AML under `\_SB`: the serial port (`COM1`), the virtio-MMIO devices (`V000`,
+/// `V001`, ...), the VM generation ID device and the GED:
 ///
 /// ```text
 /// Device (VGEN) { _HID "VMGENCTR", _CID "VM_GEN_COUNTER", _DDN "VM_Gen_Counter",
@@ -85,22 +150,28 @@ fn aml_bytes(table: &dyn Aml) -> Vec<u8> {
 /// Linux's vmgenid driver binds to `VMGENCTR` or `VM_GEN_COUNTER`, maps the 16 bytes `ADDR`
 /// points to, and re-reads them on `Notify(0x80)`; the GED driver runs `_EVT(gsi)` on each
 /// interrupt. Edge-triggered: the VMM raises it through an irqfd, a pulse per change.
-pub fn dsdt_aml() -> Vec<u8> {
+pub fn dsdt_aml(virtio: &[VirtioMmioDevice]) -> Result<Vec<u8>, AcpiError> {
     let addr_low = (layout::VMGENID_ADDR & 0xffff_ffff) as u32;
     let addr_high = (layout::VMGENID_ADDR >> 32) as u32;
     let addr_package = aml::Package::new(vec![&addr_low, &addr_high]);
     let addr_return = aml::Return::new(&addr_package);
 
-    let ged_irq = aml::Interrupt::new(true, true, false, false, layout::GED_IRQ);
+    let ged_irq = edge_irq(layout::GED_IRQ);
     let crs = aml::ResourceTemplate::new(vec![&ged_irq]);
     let vgen_path = aml::Path::new(VMGENID_DEVICE);
     let notify = aml::Notify::new(&vgen_path, &VMGENID_NOTIFY);
     let is_ged_irq = aml::Equal::new(&aml::Arg(0), &layout::GED_IRQ);
     let on_ged_irq = aml::If::new(&is_ged_irq, vec![&notify]);
 
-    aml_bytes(&aml::Scope::new(
+    let mut devices = serial_aml();
+    for (index, dev) in virtio.iter().enumerate() {
+        devices.extend(virtio_aml(index, dev)?);
+    }
+    let devices = RawAml(devices);
+    Ok(aml_bytes(&aml::Scope::new(
         "\\_SB_".into(),
         vec![
+            &devices,
             &aml::Device::new(
                 "VGEN".into(),
                 vec![
@@ -120,10 +191,10 @@ pub fn dsdt_aml() -> Vec<u8> {
                 ],
             ),
         ],
-    ))
+    )))
 }
 
-fn dsdt() -> Vec<u8> {
+fn dsdt(virtio: &[VirtioMmioDevice]) -> Result<Vec<u8>, AcpiError> {
     let mut dsdt = Sdt::new(
         *b"DSDT",
         36,
@@ -132,8 +203,8 @@ fn dsdt() -> Vec<u8> {
         OEM_TABLE_ID,
         OEM_REVISION,
     );
-    dsdt.append_slice(&dsdt_aml());
-    dsdt.as_slice().to_vec()
+    dsdt.append_slice(&dsdt_aml(virtio)?);
+    Ok(dsdt.as_slice().to_vec())
 }
 
 /// One enabled local APIC per vCPU (APIC ID = vCPU index, as the MP table and CPUID say) and
@@ -166,12 +237,12 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
 
 /// Builds the tables for `num_cpus` vCPUs, laid out from [`layout::ACPI_START`]: RSDP, XSDT,
 /// FADT, MADT, DSDT.
-pub fn build(num_cpus: u8) -> Result<AcpiTables, AcpiError> {
+pub fn build(num_cpus: u8, virtio: &[VirtioMmioDevice]) -> Result<AcpiTables, AcpiError> {
     if num_cpus == 0 || num_cpus == u8::MAX {
         return Err(AcpiError::TooManyCpus(num_cpus));
     }
     let madt = madt(num_cpus);
-    let dsdt = dsdt();
+    let dsdt = dsdt(virtio)?;
     let rsdp_addr = layout::RSDP_START;
     let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
     let fadt_addr = align(xsdt_addr + 36 + 8 * XSDT_ENTRIES);
@@ -210,8 +281,12 @@ pub fn build(num_cpus: u8) -> Result<AcpiTables, AcpiError> {
 }
 
 /// Writes the tables for `num_cpus` vCPUs into guest memory; returns the RSDP's address.
-pub fn setup(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<u64, AcpiError> {
-    let tables = build(num_cpus)?;
+pub fn setup(
+    mem: &GuestMemoryMmap,
+    num_cpus: u8,
+    virtio: &[VirtioMmioDevice],
+) -> Result<u64, AcpiError> {
+    let tables = build(num_cpus, virtio)?;
     mem.write_slice(&tables.bytes, GuestAddress(layout::ACPI_START))
         .map_err(AcpiError::Write)?;
     Ok(tables.rsdp)

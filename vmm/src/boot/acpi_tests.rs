@@ -23,10 +23,27 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// `n` virtio devices placed as the device manager places them.
+fn virtio(n: u64) -> Vec<VirtioMmioDevice> {
+    (0..n)
+        .map(|i| VirtioMmioDevice {
+            base: layout::VIRTIO_MMIO_BASE + i * layout::MMIO_DEVICE_SIZE,
+            irq: layout::VIRTIO_IRQ_BASE + i as u32,
+        })
+        .collect()
+}
+
+/// An extended interrupt descriptor: consumer, edge, active high, exclusive, one GSI.
+fn edge_irq_descriptor(gsi: u32) -> Vec<u8> {
+    let mut irq = vec![0x89, 0x06, 0x00, 0x03, 0x01];
+    irq.extend_from_slice(&gsi.to_le_bytes());
+    irq
+}
+
 #[test]
 fn every_table_is_checksummed_and_linked_from_the_rsdp() {
     for cpus in [1u8, 2, 32] {
-        let t = build(cpus).unwrap();
+        let t = build(cpus, &virtio(2)).unwrap();
         assert_eq!(t.rsdp, layout::RSDP_START);
         assert_eq!(
             t.rsdp % 16,
@@ -70,7 +87,7 @@ fn every_table_is_checksummed_and_linked_from_the_rsdp() {
 #[test]
 fn madt_has_one_local_apic_per_vcpu_and_the_ioapic() {
     for cpus in [1u8, 4, 32] {
-        let t = build(cpus).unwrap();
+        let t = build(cpus, &virtio(2)).unwrap();
         let madt = table(&t, t.madt);
         assert_eq!(u32_at(madt, 36), layout::LAPIC_ADDR);
         let mut apics = Vec::new();
@@ -103,7 +120,7 @@ fn madt_has_one_local_apic_per_vcpu_and_the_ioapic() {
 
 #[test]
 fn dsdt_declares_the_vmgenid_device_and_the_ged() {
-    let aml = dsdt_aml();
+    let aml = dsdt_aml(&[]).unwrap();
     // Linux's vmgenid driver matches either ID.
     assert!(contains(&aml, b"\x08_HID\x0dVMGENCTR\0"));
     assert!(contains(&aml, b"\x08_CID\x0dVM_GEN_COUNTER\0"));
@@ -124,10 +141,10 @@ fn dsdt_declares_the_vmgenid_device_and_the_ged() {
     );
 
     assert!(contains(&aml, b"\x08_HID\x0dACPI0013\0"), "GED hardware ID");
-    // Extended interrupt descriptor: consumer, edge, active high, exclusive, one GSI.
-    let mut irq = vec![0x89, 0x06, 0x00, 0x03, 0x01];
-    irq.extend_from_slice(&layout::GED_IRQ.to_le_bytes());
-    assert!(contains(&aml, &irq), "GED interrupt");
+    assert!(
+        contains(&aml, &edge_irq_descriptor(layout::GED_IRQ)),
+        "GED interrupt"
+    );
     // Method (_EVT, 1, Serialized) { If (LEqual (Arg0, GED_IRQ)) { Notify (\_SB.VGEN, 0x80) } }
     assert!(
         contains(&aml, b"_EVT\x09"),
@@ -147,7 +164,7 @@ fn dsdt_declares_the_vmgenid_device_and_the_ged() {
 #[test]
 fn setup_writes_the_tables_where_the_rsdp_says() {
     let mem = crate::vstate::memory::create_anonymous(2 << 20).unwrap();
-    let rsdp = setup(&mem, 2).unwrap();
+    let rsdp = setup(&mem, 2, &virtio(1)).unwrap();
     assert_eq!(rsdp, layout::RSDP_START);
     let mut sig = [0u8; 8];
     mem.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();
@@ -159,6 +176,41 @@ fn setup_writes_the_tables_where_the_rsdp_says() {
 
 #[test]
 fn rejects_cpu_counts_the_madt_cannot_hold() {
-    assert!(matches!(build(0), Err(AcpiError::TooManyCpus(0))));
-    assert!(matches!(build(255), Err(AcpiError::TooManyCpus(255))));
+    assert!(matches!(build(0, &[]), Err(AcpiError::TooManyCpus(0))));
+    assert!(matches!(build(255, &[]), Err(AcpiError::TooManyCpus(255))));
+}
+
+#[test]
+fn dsdt_declares_the_serial_port_and_every_virtio_device_with_its_interrupt() {
+    // A hardware-reduced x86 kernel maps only the GSIs ACPI declares.
+    let devices = virtio(19);
+    let aml = dsdt_aml(&devices).unwrap();
+    // COM1: _HID EISAID("PNP0501"), I/O 0x3f8-0x3ff, IRQ 4.
+    assert!(contains(&aml, b"COM1\x08_HID\x0c\x41\xd0\x05\x01"));
+    assert!(contains(
+        &aml,
+        &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]
+    ));
+    assert!(contains(&aml, &edge_irq_descriptor(layout::SERIAL_IRQ)));
+    for (i, dev) in devices.iter().enumerate() {
+        let name = format!("V{i:03}");
+        assert!(contains(&aml, name.as_bytes()), "{name}");
+        // Memory32Fixed (ReadWrite, base, 4 KiB)
+        let mut mem = vec![0x86, 0x09, 0x00, 0x01];
+        mem.extend_from_slice(&(dev.base as u32).to_le_bytes());
+        mem.extend_from_slice(&0x1000u32.to_le_bytes());
+        assert!(contains(&aml, &mem), "{name} window");
+        assert!(contains(&aml, &edge_irq_descriptor(dev.irq)), "{name} IRQ");
+    }
+    assert_eq!(
+        aml.windows(8).filter(|w| *w == b"LNRO0005").count(),
+        devices.len()
+    );
+    assert!(matches!(
+        dsdt_aml(&[VirtioMmioDevice {
+            base: 1 << 32,
+            irq: 5
+        }]),
+        Err(AcpiError::VirtioAbove4G(_))
+    ));
 }

@@ -251,6 +251,7 @@ pub fn configure_system(
     cmdline: &Cmdline,
     initrd: Option<InitrdRegion>,
     num_cpus: u8,
+    virtio: &[acpi::VirtioMmioDevice],
 ) -> Result<(), BootError> {
     if lowmem_end(mem) <= kernel.kernel_end {
         return Err(BootError::MemoryTooSmall);
@@ -258,7 +259,7 @@ pub fn configure_system(
     write_gdt_idt(mem, kernel.protocol)?;
     load_cmdline(mem, GuestAddress(layout::CMDLINE_START), cmdline).map_err(BootError::Cmdline)?;
     mptable::setup(mem, num_cpus)?;
-    let rsdp = acpi::setup(mem, num_cpus)?;
+    let rsdp = acpi::setup(mem, num_cpus, virtio)?;
     match kernel.protocol {
         BootProtocol::Linux64 => {
             write_identity_page_tables(mem)?;

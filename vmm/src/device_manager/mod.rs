@@ -294,6 +294,17 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// The virtio devices as the ACPI DSDT describes them, in attachment order.
+    pub fn acpi_virtio_devices(&self) -> Vec<crate::boot::acpi::VirtioMmioDevice> {
+        self.virtio
+            .iter()
+            .map(|slot| crate::boot::acpi::VirtioMmioDevice {
+                base: slot.mmio_base,
+                irq: slot.irq,
+            })
+            .collect()
+    }
+
     /// Kernel command-line arguments describing the virtio devices, in attachment order.
     pub fn cmdline_args(&self) -> &[String] {
         &self.cmdline_args
