@@ -36,9 +36,8 @@ const TABLE_ALIGN: u64 = 16;
 const XSDT_ENTRIES: u64 = 2;
 /// The notification value a VM generation ID device receives when the ID changed.
 pub const VMGENID_NOTIFY: u8 = 0x80;
-/// The DSDT's device names, as the guest sees them (`\_SB.VGEN`, `\_SB.GED_`).
+/// The VM generation ID device's path in the ACPI namespace (the GED notifies it).
 pub const VMGENID_DEVICE: &str = "\\_SB_.VGEN";
-pub const GED_DEVICE: &str = "\\_SB_.GED_";
 
 /// Errors building or writing the ACPI tables.
 #[derive(Debug, thiserror::Error)]
