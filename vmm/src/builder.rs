@@ -163,7 +163,15 @@ pub fn build_and_start_with(
 
     let cmdline = build_cmdline(config, &devices, pvm)?;
     log::debug!("kernel command line: {cmdline:?}");
-    boot::configure_system(&memory, &kernel, &cmdline, initrd, config.vcpus)?;
+    let acpi_virtio = devices.acpi_virtio_devices();
+    boot::configure_system(
+        &memory,
+        &kernel,
+        &cmdline,
+        initrd,
+        config.vcpus,
+        &acpi_virtio,
+    )?;
 
     let devices = devices.into_devices();
     let supported = kvm.supported_cpuid()?;
@@ -425,6 +433,7 @@ fn setup_devices(
         devices.attach_vsock(vm, vsock)?;
     }
     attach_nets(config, vm, &mut devices)?;
+    devices.attach_vmgenid(vm)?;
     Ok(devices)
 }
 

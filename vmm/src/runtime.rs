@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::config::VmConfig;
 use crate::control::protocol::{
     DiskStatus, ErrorCode, Request, Response, SnapshotInfo, SnapshotKind, SnapshotRequest,
-    StatusInfo, VmRunState, VsockStatus,
+    StatusInfo, VmGenIdStatus, VmRunState, VsockStatus,
 };
 use crate::control::ControlHandler;
 use crate::device_manager::{
@@ -53,6 +53,8 @@ pub enum VmmError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    VmGenId(#[from] crate::devices::vmgenid::VmGenIdError),
 }
 
 /// What the VMM and its control socket share.
@@ -156,8 +158,15 @@ impl VmmShared {
     }
 
     /// Devices first, kicking every queue so requests deferred while paused are served, then
-    /// the vCPUs.
+    /// the vCPUs. The first resume after a restore gives the guest a new VM generation ID
+    /// before anything runs; if that fails, nothing resumes (a clone must not run with its
+    /// source's ID).
     fn resume_locked(&self) -> Result<(), VmmError> {
+        if let Some(genid) = &self.devices.vmgenid {
+            if genid.apply_pending_change()? {
+                log::info!("new VM generation ID {}", genid.id_hex());
+            }
+        }
         self.devices.gate.set_closed(false);
         for slot in &self.devices.virtio {
             let device = slot.device.as_virtio();
@@ -411,6 +420,10 @@ impl VmmShared {
                     }
                     _ => None,
                 }),
+            vmgenid: self.devices.vmgenid.as_ref().map(|g| VmGenIdStatus {
+                id: g.id_hex(),
+                addr: g.addr(),
+            }),
         }
     }
 

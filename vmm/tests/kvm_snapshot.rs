@@ -551,3 +551,81 @@ fn snapshot_merge_cli_writes_a_full_snapshot() {
         .unwrap();
     assert_eq!(status.code(), Some(2));
 }
+
+/// The generation ID the VMM reports, as the guest reads it at the reported address.
+fn vmgenid(vm: &Vmm) -> String {
+    use vmm::control::ControlHandler;
+    let Response::Status(status) = vm.shared().handle(Request::Status) else {
+        panic!("no status");
+    };
+    let genid = status.vmgenid.expect("every VM has a generation ID");
+    assert_eq!(genid.addr, vmm::boot::layout::VMGENID_ADDR);
+    let bytes: [u8; 16] = vm.memory().read_obj(GuestAddress(genid.addr)).unwrap();
+    let in_memory: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(genid.id, in_memory, "status reports what the guest reads");
+    genid.id
+}
+
+/// Waits until the test guest has printed `vmgenid=ID` (it prints its ID at start and
+/// whenever it changes).
+fn guest_saw(console: &Console, id: &str) -> bool {
+    let line = format!("vmgenid={id}\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if console.text().contains(&line) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+#[test]
+fn every_restore_gives_the_guest_a_new_generation_id() {
+    let tmp = tempdir("vmgenid");
+    let snap = tmp.0.join("snap");
+    let mut c = VmConfig::new(env!("GROVE_TEST_GUEST"));
+    c.cmdline = Some("test=vmgenid".into());
+    c.memory_mib = 32;
+    c.rng = false;
+    let out = Console::default();
+    let io = ConsoleIo {
+        output: Box::new(out.clone()),
+        input: None,
+    };
+    let source = vmm::builder::build_and_start(&c, io, Instant::now()).unwrap();
+    let source_id = vmgenid(&source);
+    assert!(guest_saw(&out, &source_id), "{}", out.text());
+    source.pause().unwrap();
+    source.snapshot(&snapshot_req(&snap, false)).unwrap();
+
+    let mut ids = vec![source_id.clone()];
+    for _ in 0..2 {
+        let out = Console::default();
+        let opts = RestoreOptions {
+            snapshot: snap.clone(),
+            paused: true,
+            ..Default::default()
+        };
+        let io = ConsoleIo {
+            output: Box::new(out.clone()),
+            input: None,
+        };
+        let clone = restore(&opts, io, Instant::now()).unwrap();
+        assert_eq!(vmgenid(&clone), source_id, "unchanged while paused");
+        clone.resume().unwrap();
+        let id = vmgenid(&clone);
+        assert!(!ids.contains(&id), "{id} is new");
+        assert!(guest_saw(&out, &id), "the guest reads {id}: {}", out.text());
+        // Later pauses and resumes keep it.
+        clone.pause().unwrap();
+        clone.resume().unwrap();
+        assert_eq!(vmgenid(&clone), id);
+        ids.push(id);
+        clone.stop();
+        clone.wait();
+    }
+    assert_eq!(vmgenid(&source), source_id, "the source keeps its ID");
+    source.stop();
+    source.wait();
+}

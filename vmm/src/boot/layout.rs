@@ -7,6 +7,8 @@
 //! 0x0000_7000  Linux zero page / PVH memmap
 //! 0x0000_8ff0  initial stack            0x0002_0000  kernel command line
 //! 0x0009_fc00  MP table (EBDA)          0x0010_0000  kernel (bzImage) / vmlinux at its ELF address
+//! 0x000e_0000  ACPI tables: RSDP, XSDT, FADT, MADT, DSDT (0xe0000-0xfffff reserved in the E820 map)
+//! 0x000e_f000  VMGenID: the 16-byte VM generation ID
 //! 0xc000_0000 - 0xffff_ffff  MMIO hole: virtio-MMIO devices, IOAPIC, LAPIC, KVM TSS
 //! ```
 
@@ -28,6 +30,16 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// The last KiB of base memory: where Linux looks for the MP floating pointer.
 pub const EBDA_START: u64 = 0x9fc00;
 pub const MPTABLE_START: u64 = EBDA_START;
+/// ACPI tables, RSDP first: 16-byte aligned in the BIOS area Linux scans for it
+/// (0xe0000-0xfffff), besides being handed over in the zero page or `hvm_start_info`.
+pub const ACPI_START: u64 = 0xe_0000;
+pub const RSDP_START: u64 = ACPI_START;
+/// The VM generation ID (16 bytes, own page). Below 1 MiB and outside RAM, so a guest can read
+/// it through `/dev/mem` even with `STRICT_DEVMEM`; see docs/acpi.md.
+pub const VMGENID_ADDR: u64 = 0xe_f000;
+/// End of the region the memory map reserves for the ACPI tables and the VMGenID page.
+pub const ACPI_END: u64 = 0x10_0000;
+const _: () = assert!(ACPI_START < VMGENID_ADDR && VMGENID_ADDR + 0x1000 <= ACPI_END);
 /// Start of high memory: kernels load at or above 1 MiB.
 pub const HIMEM_START: u64 = 0x10_0000;
 
@@ -43,6 +55,9 @@ pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Last usable IOAPIC pin of KVM's in-kernel IOAPIC.
 pub const IRQ_MAX: u32 = 23;
+/// GSI of the ACPI Generic Event Device (GED), which tells the guest the VM generation ID
+/// changed: COM2's legacy IRQ, free here (one UART, on IRQ 4; virtio uses 5..=23).
+pub const GED_IRQ: u32 = 3;
 
 /// Legacy I/O ports.
 pub const SERIAL_PORT: u16 = 0x3f8;

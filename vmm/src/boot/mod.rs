@@ -1,10 +1,12 @@
 //! x86_64 boot: load a kernel (ELF vmlinux or bzImage) and an initrd, then lay out what the
-//! kernel expects to find in memory: command line, memory map, MP table, GDT and page tables.
+//! kernel expects to find in memory: command line, memory map, MP table, ACPI tables, GDT and
+//! page tables.
 //!
 //! An ELF vmlinux with a PVH note boots through PVH (32-bit entry, `hvm_start_info`), as
 //! Firecracker and Cloud Hypervisor prefer; an ELF without the note and a bzImage boot through
 //! the Linux 64-bit boot protocol (long mode entry, zero page).
 
+pub mod acpi;
 pub mod gdt;
 pub mod layout;
 pub mod mptable;
@@ -57,6 +59,7 @@ pub struct InitrdRegion {
 }
 
 const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
@@ -107,6 +110,8 @@ pub enum BootError {
     MemoryTooSmall,
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
 }
 
 /// Loads `path` into guest memory and says how to enter it.
@@ -219,14 +224,34 @@ fn ram_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
     map
 }
 
+/// The guest's memory map as (start, length, E820 type): RAM, and the reserved ACPI region
+/// (tables and the VMGenID page), in address order.
+fn e820_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
+    let mut map: Vec<(u64, u64, u32)> = ram_map(mem)
+        .into_iter()
+        .map(|(start, len)| (start, len, E820_RAM))
+        .collect();
+    let acpi = (
+        layout::ACPI_START,
+        layout::ACPI_END - layout::ACPI_START,
+        E820_RESERVED,
+    );
+    let at = map.partition_point(|(start, _, _)| *start < layout::ACPI_START);
+    map.insert(at, acpi);
+    map
+}
+
 /// Writes everything the kernel reads at entry: GDT/IDT, page tables, command line, MP table,
-/// and the zero page (Linux protocol) or `hvm_start_info` (PVH).
+/// ACPI tables, and the zero page (Linux protocol) or `hvm_start_info` (PVH). Both the MP table
+/// and ACPI are written: a kernel with ACPI uses the ACPI tables (and ignores the MP table),
+/// one without ACPI (the test guest, a minimal user kernel) uses the MP table.
 pub fn configure_system(
     mem: &GuestMemoryMmap,
     kernel: &KernelEntry,
     cmdline: &Cmdline,
     initrd: Option<InitrdRegion>,
     num_cpus: u8,
+    virtio: &[acpi::VirtioMmioDevice],
 ) -> Result<(), BootError> {
     if lowmem_end(mem) <= kernel.kernel_end {
         return Err(BootError::MemoryTooSmall);
@@ -234,12 +259,13 @@ pub fn configure_system(
     write_gdt_idt(mem, kernel.protocol)?;
     load_cmdline(mem, GuestAddress(layout::CMDLINE_START), cmdline).map_err(BootError::Cmdline)?;
     mptable::setup(mem, num_cpus)?;
+    let rsdp = acpi::setup(mem, num_cpus, virtio)?;
     match kernel.protocol {
         BootProtocol::Linux64 => {
             write_identity_page_tables(mem)?;
-            write_zero_page(mem, kernel, cmdline, initrd)
+            write_zero_page(mem, kernel, cmdline, initrd, rsdp)
         }
-        BootProtocol::Pvh => write_pvh_start_info(mem, cmdline, initrd),
+        BootProtocol::Pvh => write_pvh_start_info(mem, cmdline, initrd, rsdp),
     }
 }
 
@@ -288,6 +314,7 @@ fn write_zero_page(
     kernel: &KernelEntry,
     cmdline: &Cmdline,
     initrd: Option<InitrdRegion>,
+    rsdp: u64,
 ) -> Result<(), BootError> {
     let mut params = boot_params::default();
     if let Some(hdr) = kernel.setup_header {
@@ -303,16 +330,18 @@ fn write_zero_page(
         params.hdr.ramdisk_image = initrd.address.0 as u32;
         params.hdr.ramdisk_size = initrd.size as u32;
     }
-    let map = ram_map(mem);
+    let map = e820_map(mem);
     if map.len() > E820_MAX_ENTRIES {
         return Err(BootError::MemoryTooSmall);
     }
-    for (i, (addr, size)) in map.iter().enumerate() {
+    for (i, (addr, size, kind)) in map.iter().enumerate() {
         params.e820_table[i].addr = *addr;
         params.e820_table[i].size = *size;
-        params.e820_table[i].r#type = E820_RAM;
+        params.e820_table[i].r#type = *kind;
     }
     params.e820_entries = map.len() as u8;
+    // Boot protocol 2.14: where the RSDP is (it is also in the BIOS area scan).
+    params.acpi_rsdp_addr = rsdp;
     mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_START))
         .map_err(BootError::Write)
 }
@@ -321,13 +350,14 @@ fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     _cmdline: &Cmdline,
     initrd: Option<InitrdRegion>,
+    rsdp: u64,
 ) -> Result<(), BootError> {
-    let memmap: Vec<hvm_memmap_table_entry> = ram_map(mem)
+    let memmap: Vec<hvm_memmap_table_entry> = e820_map(mem)
         .into_iter()
-        .map(|(addr, size)| hvm_memmap_table_entry {
+        .map(|(addr, size, type_)| hvm_memmap_table_entry {
             addr,
             size,
-            type_: E820_RAM,
+            type_,
             reserved: 0,
         })
         .collect();
@@ -337,6 +367,7 @@ fn write_pvh_start_info(
         cmdline_paddr: layout::CMDLINE_START,
         memmap_paddr: layout::PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: rsdp,
         ..Default::default()
     };
     let mut params = BootParams::new(&info, GuestAddress(layout::PVH_INFO_START));
@@ -369,6 +400,28 @@ mod tests {
             vec![
                 (0, layout::EBDA_START),
                 (layout::HIMEM_START, (64 << 20) - layout::HIMEM_START)
+            ]
+        );
+    }
+
+    #[test]
+    fn memory_map_reserves_the_acpi_region_between_the_ram_ranges() {
+        let mem = create_anonymous(64 << 20).unwrap();
+        let map = e820_map(&mem);
+        assert_eq!(
+            map,
+            vec![
+                (0, layout::EBDA_START, E820_RAM),
+                (
+                    layout::ACPI_START,
+                    layout::ACPI_END - layout::ACPI_START,
+                    E820_RESERVED
+                ),
+                (
+                    layout::HIMEM_START,
+                    (64 << 20) - layout::HIMEM_START,
+                    E820_RAM
+                ),
             ]
         );
     }

@@ -205,6 +205,9 @@ pub struct StatusInfo {
     /// The vsock device, if the VM has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockStatus>,
+    /// The VM generation ID the guest reads now (ACPI VMGenID; docs/acpi.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmgenid: Option<VmGenIdStatus>,
 }
 
 /// The vsock device as the host reaches it (docs/vsock.md).
@@ -215,6 +218,16 @@ pub struct VsockStatus {
     /// Where host clients connect (`CONNECT <port>`); guest connections to host port P go
     /// to `<uds_path>_<P>`.
     pub uds_path: PathBuf,
+}
+
+/// The VM generation ID and where the guest finds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmGenIdStatus {
+    /// The 16 bytes in lower-case hex, in guest-memory order.
+    pub id: String,
+    /// Guest-physical address of the first byte.
+    pub addr: u64,
 }
 
 /// One disk as the VM uses it now.
@@ -388,6 +401,10 @@ mod tests {
                 vsock: Some(VsockStatus {
                     guest_cid: 3,
                     uds_path: "/run/v.sock".into(),
+                }),
+                vmgenid: Some(VmGenIdStatus {
+                    id: "00112233445566778899aabbccddeeff".into(),
+                    addr: 0xef000,
                 }),
             }),
             Response::Snapshot(SnapshotInfo {

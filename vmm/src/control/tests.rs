@@ -39,6 +39,7 @@ fn status_info() -> StatusInfo {
         uptime_ms: 1234,
         disks: Vec::new(),
         vsock: None,
+        vmgenid: None,
     }
 }
 

@@ -23,6 +23,7 @@ use crate::devices::virtio::net::{Net, NetDeviceConfig, NetError};
 use crate::devices::virtio::rng::{Rng, RngError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
+use crate::devices::vmgenid::{VmGenId, VmGenIdError};
 use crate::exit::ExitNotifier;
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vm::{Vm, VmError};
@@ -68,6 +69,8 @@ pub enum DeviceError {
         #[source]
         source: NetError,
     },
+    #[error("cannot set up the VM generation ID")]
+    VmGenId(#[from] VmGenIdError),
 }
 
 /// What placing devices needs from the VM: guest memory and KVM's irqfd and ioeventfd
@@ -136,6 +139,7 @@ pub struct DeviceManager {
     virtio: Vec<VirtioSlot>,
     /// Closed while the VM is paused; every virtio device joins it.
     gate: PauseGate,
+    vmgenid: Option<Arc<VmGenId>>,
 }
 
 /// What the running VMM keeps of the device manager. Every device is reachable here by
@@ -153,6 +157,8 @@ pub struct Devices {
     pub virtio: Vec<VirtioSlot>,
     /// Closed while the VM is paused (see [`PauseGate`]).
     pub gate: PauseGate,
+    /// The VM generation ID (ACPI; see `boot::acpi`).
+    pub vmgenid: Option<Arc<VmGenId>>,
 }
 
 fn eventfd() -> Result<EventFd, DeviceError> {
@@ -322,6 +328,17 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// The virtio devices as the ACPI DSDT describes them, in attachment order.
+    pub fn acpi_virtio_devices(&self) -> Vec<crate::boot::acpi::VirtioMmioDevice> {
+        self.virtio
+            .iter()
+            .map(|slot| crate::boot::acpi::VirtioMmioDevice {
+                base: slot.mmio_base,
+                irq: slot.irq,
+            })
+            .collect()
+    }
+
     /// Kernel command-line arguments describing the virtio devices, in attachment order.
     pub fn cmdline_args(&self) -> &[String] {
         &self.cmdline_args
@@ -338,7 +355,26 @@ impl DeviceManager {
             boot_port: self.boot_port,
             virtio: self.virtio,
             gate: self.gate,
+            vmgenid: self.vmgenid,
         }
+    }
+
+    /// The VM generation ID at `layout::VMGENID_ADDR`, a fresh random one written now, with
+    /// its change interrupt (the ACPI GED's) on GSI `layout::GED_IRQ`.
+    pub fn attach_vmgenid(&mut self, vm: &dyn DeviceWiring) -> Result<(), DeviceError> {
+        self.place_vmgenid(vm, |mem, irq| Ok(VmGenId::new(mem, irq)?))
+    }
+
+    /// Creates the generation ID with `make(memory, irq_evt)` (new or restored) and wires its
+    /// interrupt. Shared by boot and restore.
+    fn place_vmgenid<F>(&mut self, vm: &dyn DeviceWiring, make: F) -> Result<(), DeviceError>
+    where
+        F: FnOnce(GuestMemoryMmap, EventFd) -> Result<VmGenId, DeviceError>,
+    {
+        let irq = eventfd()?;
+        vm.register_irqfd(&irq, layout::GED_IRQ)?;
+        self.vmgenid = Some(Arc::new(make(vm.memory().clone(), irq)?));
+        Ok(())
     }
 }
 

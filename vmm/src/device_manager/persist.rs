@@ -35,6 +35,7 @@ use crate::devices::virtio::mmio::{
 use crate::devices::virtio::net::{Net, NetRestoreError, NetState};
 use crate::devices::virtio::rng::{Rng, RngRestoreError, RngState};
 use crate::devices::virtio::vsock::{Vsock, VsockRestoreArgs, VsockRestoreError, VsockState};
+use crate::devices::vmgenid::{VmGenId, VmGenIdError, VmGenIdRestoreArgs, VmGenIdState};
 use crate::exit::ExitNotifier;
 use crate::snapshot::Persist;
 
@@ -47,6 +48,9 @@ pub struct DevicesState {
     pub boot_port: Option<BootCompletePortState>,
     /// The virtio devices in attachment order; the block devices among them in disk order.
     pub virtio: Vec<VirtioDeviceState>,
+    /// The VM generation ID; absent in snapshots older than it (they restore with a new one).
+    #[serde(default)]
+    pub vmgenid: Option<VmGenIdState>,
 }
 
 /// One saved virtio device: what it is, its transport, and where the guest finds it.
@@ -116,6 +120,8 @@ pub enum DevicesRestoreError {
         #[source]
         source: MmioRestoreError,
     },
+    #[error("cannot restore the VM generation ID")]
+    VmGenId(#[source] VmGenIdError),
 }
 
 /// Saves every device. Call with the vCPUs paused; devices are locked one at a time (a
@@ -144,6 +150,7 @@ pub fn save_devices(devices: &Devices) -> DevicesState {
         i8042: devices.i8042.as_ref().map(|d| lock(d).save()),
         boot_port: devices.boot_port.as_ref().map(|d| lock(d).save()),
         virtio,
+        vmgenid: devices.vmgenid.as_ref().map(|g| g.save()),
     }
 }
 
@@ -357,6 +364,16 @@ impl DeviceManager {
             })?;
             dm.place_virtio(vm, device, transport, saved.mmio_base, saved.irq)?;
         }
+        // Restored with the saved ID (guest memory is untouched until the first resume,
+        // which gives the guest a new one); a snapshot without one gets one then too.
+        dm.place_vmgenid(vm, |mem, irq| {
+            let args = VmGenIdRestoreArgs { mem, irq };
+            match &state.vmgenid {
+                Some(saved) => VmGenId::restore(args, saved),
+                None => VmGenId::restore_missing(args),
+            }
+            .map_err(|e| DevicesRestoreError::VmGenId(e).into())
+        })?;
         Ok(dm)
     }
 }

@@ -63,7 +63,8 @@ fn console() -> ConsoleIo {
     }
 }
 
-/// Everything the builder attaches: serial, i8042, boot port, two disks and an rng.
+/// Everything the builder attaches: serial, i8042, boot port, two disks, an rng and the VM
+/// generation ID.
 fn boot(vm: &MockVm, disks: &[&TempFile]) -> DeviceManager {
     let mut dm = DeviceManager::new();
     dm.attach_serial(vm, Box::new(Sink::default()), None)
@@ -77,6 +78,7 @@ fn boot(vm: &MockVm, disks: &[&TempFile]) -> DeviceManager {
         dm.attach_block(vm, cfg).unwrap();
     }
     dm.attach_rng(vm).unwrap();
+    dm.attach_vmgenid(vm).unwrap();
     dm
 }
 
@@ -142,7 +144,7 @@ fn every_device_comes_back_at_its_address_and_irq() {
     assert_eq!(dm.cmdline_args(), cmdline);
     let devices = dm.into_devices();
     assert_eq!(save_devices(&devices), state);
-    assert_eq!(*vm.irqfds.lock().unwrap(), [4, 5, 6, 7]);
+    assert_eq!(*vm.irqfds.lock().unwrap(), [4, 5, 6, 7, layout::GED_IRQ]);
     let notify: Vec<_> = placement.iter().map(|&(b, _)| (b + 0x50, 0)).collect();
     assert_eq!(*vm.ioevents.lock().unwrap(), notify);
     assert_eq!(devices.blocks.len(), 2);
@@ -334,6 +336,7 @@ fn a_vm_without_legacy_devices_or_virtio_saves_empty() {
             i8042: None,
             boot_port: None,
             virtio: Vec::new(),
+            vmgenid: None,
         }
     );
     let devices = restore(&vm, &state, &[]).unwrap().into_devices();
@@ -424,4 +427,39 @@ fn a_vsock_device_comes_back_listening_where_it_is_told() {
         "{e:?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_vmgenid_is_saved_and_a_restore_changes_it_on_resume() {
+    let mem = guest_mem();
+    let d0 = disk("genid-0");
+    let (state, _) = saved_state(&mem, &[&d0]);
+    let saved = state.vmgenid.clone().expect("the generation ID is saved");
+    assert_eq!(saved.addr, layout::VMGENID_ADDR);
+    let devices = restore(&MockVm::new(&mem), &state, &[])
+        .unwrap()
+        .into_devices();
+    let genid = devices.vmgenid.as_ref().unwrap();
+    assert_eq!(genid.id(), saved.id, "unchanged while paused");
+    assert!(genid.change_pending());
+    assert!(genid.apply_pending_change().unwrap());
+    assert_ne!(genid.id(), saved.id);
+}
+
+#[test]
+fn a_snapshot_from_before_the_vmgenid_restores_with_one() {
+    let mem = guest_mem();
+    let d0 = disk("genid-old");
+    let (state, _) = saved_state(&mem, &[&d0]);
+    // The state as a grove-vmm without the VMGenID device wrote it.
+    let mut json = serde_json::to_value(&state).unwrap();
+    json.as_object_mut().unwrap().remove("vmgenid");
+    let old: DevicesState = serde_json::from_value(json).unwrap();
+    assert!(old.vmgenid.is_none());
+    let vm = MockVm::new(&mem);
+    let devices = restore(&vm, &old, &[]).unwrap().into_devices();
+    let genid = devices.vmgenid.as_ref().expect("a restore always has one");
+    assert_eq!(genid.addr(), layout::VMGENID_ADDR);
+    assert!(genid.change_pending(), "it gets a new ID before it runs");
+    assert_eq!(vm.irqfds.lock().unwrap().last(), Some(&layout::GED_IRQ));
 }

@@ -5,3 +5,4 @@ pub mod legacy;
 #[cfg(test)]
 pub(crate) mod persist_tests;
 pub mod virtio;
+pub mod vmgenid;

@@ -15,6 +15,7 @@ typedef unsigned long long u64;
 #define SERIAL 0x3f8
 #define VIRTIO_BASE 0xd0000000UL
 #define COUNTER_ADDR 0x300000UL
+#define VMGENID_ADDR 0xef000UL /* layout::VMGENID_ADDR, also what the DSDT's ADDR returns */
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
 static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
@@ -233,6 +234,28 @@ static void test_counter(void) {
     for (;;) (*counter)++;
 }
 
+/* Prints the VM generation ID, then counts and prints it again whenever it changes (the VMM
+ * writes a new one when a restored VM first resumes). */
+static void print_vmgenid(u64 lo, u64 hi) {
+    puts("vmgenid=");
+    for (int i = 0; i < 16; i++) puthex(((i < 8 ? lo : hi) >> ((i % 8) * 8)) & 0xff, 2);
+    puts("\n");
+}
+static void test_vmgenid(void) {
+    volatile u64 *id = (volatile u64 *)VMGENID_ADDR;
+    volatile u64 *counter = (volatile u64 *)COUNTER_ADDR;
+    u64 lo = id[0], hi = id[1];
+    print_vmgenid(lo, hi);
+    for (;;) {
+        (*counter)++;
+        if (id[0] != lo || id[1] != hi) {
+            lo = id[0];
+            hi = id[1];
+            print_vmgenid(lo, hi);
+        }
+    }
+}
+
 void guest_main(const u8 *zero_page) {
     const char *cmdline = (const char *)(u64)(*(const u32 *)(zero_page + 0x228));
     const char *t = find_test(cmdline);
@@ -246,6 +269,7 @@ void guest_main(const u8 *zero_page) {
     else if (is_test(t, "rng")) test_rng();
     else if (is_test(t, "counter")) test_counter();
     else if (is_test(t, "cpuid")) test_cpuid();
+    else if (is_test(t, "vmgenid")) test_vmgenid();
     else if (is_test(t, "triple-fault")) {
         /* Empty IDT, then a #GP from a non-canonical address: #GP -> #DF -> triple fault.
          * (Not int3: the PVM emulator cannot execute it.) */

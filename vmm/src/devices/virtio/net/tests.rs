@@ -677,6 +677,7 @@ fn a_restore_reopens_the_tap_by_name() {
                 mmio_base: 0,
                 irq: 0,
             }],
+            vmgenid: None,
         };
         let overrides = [("net0".to_string(), "tap1".to_string())];
         apply_net_overrides(&mut state, &overrides).unwrap();
