@@ -2,7 +2,9 @@
 //! CLI: a booted environment is reached through its guest agent (`grove exec`, files), and
 //! every clone is made unique before it is reported ready. Ten clones of one paused state
 //! each read 32 bytes from `/dev/urandom` right after becoming ready, and all ten differ;
-//! each clone's hostname is its environment's name and its post-clone hook ran.
+//! each clone's hostname is its environment's name, its post-clone hook ran, and its VM
+//! generation ID (ACPI VMGenID) is new: different from its parent's and every other
+//! clone's, both as the VMM reports it and as the guest reads it from memory.
 
 mod e2e_support;
 
@@ -74,7 +76,30 @@ fn exec_files_and_ten_unique_clones() {
     let out = grove(sock, &["file", "get", "main", "/no/such/file"], b"");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 
+    // The generation ID as the guest reads it, through /dev/mem (it lies below 1 MiB).
+    let main_pid = body["environment"]["pid"].as_u64().expect("main's pid");
+    let main_genid = vmm_status(main_pid).vmgenid.expect("a VMGenID");
+    let read_genid = |env: &str, addr: u64| {
+        let skip = format!("skip={}", addr / 16);
+        let (code, bytes) = exec(
+            sock,
+            env,
+            &[
+                "dd",
+                "if=/dev/mem",
+                "bs=16",
+                &skip,
+                "count=1",
+                "status=none",
+            ],
+        );
+        assert_eq!(code, Some(0), "{env}: reading the VMGenID");
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    assert_eq!(read_genid("main", main_genid.addr), main_genid.id);
+
     // Ten clones of one state: main is paused, so every snapshot holds the same memory.
+    let mut genids = HashSet::from([main_genid.id.clone()]);
     let (status, body) = http(
         sock,
         "POST",
@@ -115,7 +140,20 @@ fn exec_files_and_ten_unique_clones() {
             exec(sock, &name, &["cat", "/run/hook-ran"]),
             (Some(0), format!("hook saw {name}\n").into_bytes())
         );
+
+        // A new generation ID, and the guest sees it.
+        let pid = created["environment"]["pid"]
+            .as_u64()
+            .expect("the clone's pid");
+        let genid = vmm_status(pid).vmgenid.expect("a VMGenID");
+        assert_eq!(genid.addr, main_genid.addr);
+        assert!(
+            genids.insert(genid.id.clone()),
+            "{name} kept a generation ID"
+        );
+        assert_eq!(read_genid(&name, genid.addr), genid.id, "{name}");
     }
+    assert_eq!(genids.len(), 11);
     assert_eq!(randoms.len(), 10);
 
     // main never ran a hook and still has its own name.

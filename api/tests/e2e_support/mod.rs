@@ -294,3 +294,25 @@ pub fn exec(sock: &Path, env: &str, argv: &[&str]) -> (Option<i64>, Vec<u8>) {
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// The control-socket `status` of the VMM with process id `pid` (found through the
+/// `--control PATH` on its command line).
+pub fn vmm_status(pid: u64) -> vmm::control::protocol::StatusInfo {
+    use vmm::control::client::ControlClient;
+    use vmm::control::protocol::{Request, Response};
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the VMM's cmdline");
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let control = args
+        .iter()
+        .position(|a| a == "--control")
+        .and_then(|i| args.get(i + 1))
+        .expect("the VMM has a control socket");
+    let mut client = ControlClient::connect(control).expect("connect to the control socket");
+    match client.request(Request::Status).expect("status") {
+        Response::Status(info) => info,
+        other => panic!("status answered {other:?}"),
+    }
+}
