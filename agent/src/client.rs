@@ -247,6 +247,26 @@ impl<S: Read + Write> Client<S> {
         self.expect_ok(&Request::Clock(ClockRequest { unix_nanos }))
     }
 
+    /// Sends every request of `requests` before reading any answer (one round trip for all of
+    /// them instead of one each; the agent answers in order), then reads one answer per
+    /// request. For requests answered by a single frame (not `exec`). The first error answer
+    /// ends it as [`ClientError::Agent`]; the connection should then be dropped.
+    pub fn pipeline(&mut self, requests: &[Request]) -> Result<Vec<Response>, ClientError> {
+        for request in requests {
+            if matches!(request, Request::Exec(_)) {
+                return Err(ClientError::Unexpected {
+                    request: request.op(),
+                    response: "pipeline (exec streams its answer)",
+                });
+            }
+            send_request(&mut self.stream, request).map_err(protocol_error)?;
+        }
+        requests
+            .iter()
+            .map(|request| self.next(request.op()))
+            .collect()
+    }
+
     /// `run_hooks`: runs the post-clone hooks (each limited to `timeout_ms`, default
     /// [`crate::protocol::DEFAULT_HOOK_TIMEOUT_MS`]) and returns every result in order.
     pub fn run_hooks(&mut self, timeout_ms: Option<u64>) -> Result<Vec<HookResult>, ClientError> {

@@ -23,7 +23,10 @@ use vmm::control::protocol::{Request, Response, SnapshotRequest};
 use vmm::disk::{DiskFormat, LayerRecord};
 use vmm::{DiskConfig, VmConfig};
 
-use agent::protocol::IdentityRequest;
+use agent::protocol::{
+    ClockRequest, IdentityRequest, Request as AgentRequest, ReseedRequest,
+    Response as AgentResponse, RunHooksRequest,
+};
 
 use crate::backend::{
     AgentError, Backend, Frozen, GuestCommand, GuestOutput, Prepare, Running, VmSpec,
@@ -447,38 +450,43 @@ impl Backend for Supervisor {
         let prep = prep.clone();
         blocking(move || {
             let mut agent = connect_agent(&socket, prep.timeout)?;
+            // Every step in one pipelined round trip (the agent applies them in order).
+            let mut requests = Vec::new();
             if let Some(clone) = &prep.clone {
-                agent.reseed(&clone.entropy).map_err(agent_error)?;
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_err(|e| AgentError::Unavailable(format!("host clock: {e}")))?;
+                requests.push(AgentRequest::Reseed(ReseedRequest {
+                    entropy: clone.entropy.clone(),
+                }));
+                requests.push(AgentRequest::Clock(ClockRequest {
+                    unix_nanos: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
+                }));
+            }
+            requests.push(AgentRequest::Identity(IdentityRequest {
+                hostname: prep.identity.hostname.clone(),
+                machine_id: prep.identity.machine_id.clone(),
+                address: None,
+            }));
+            if prep.clone.is_some() {
+                requests.push(AgentRequest::RunHooks(RunHooksRequest { timeout_ms: None }));
+                // Hooks may take a while each: the agent limits every one (60 s by default).
                 agent
-                    .clock(u64::try_from(now.as_nanos()).unwrap_or(u64::MAX))
+                    .set_timeout(Some(HOOKS_SILENCE))
                     .map_err(agent_error)?;
             }
-            agent
-                .identity(&IdentityRequest {
-                    hostname: prep.identity.hostname.clone(),
-                    machine_id: prep.identity.machine_id.clone(),
-                    address: None,
-                })
-                .map_err(agent_error)?;
-            if prep.clone.is_none() {
-                return Ok(Vec::new());
-            }
-            // Hooks may take a while each: the agent limits every one (60 s by default).
-            agent
-                .set_timeout(Some(HOOKS_SILENCE))
-                .map_err(agent_error)?;
-            let results = agent.run_hooks(None).map_err(agent_error)?;
-            Ok(results
-                .into_iter()
-                .map(|h| HookResult {
-                    name: h.name,
-                    exit_code: if h.timed_out { None } else { h.code },
-                    output: h.output,
-                })
-                .collect())
+            let answers = agent.pipeline(&requests).map_err(agent_error)?;
+            Ok(match answers.into_iter().last() {
+                Some(AgentResponse::Hooks { results }) => results
+                    .into_iter()
+                    .map(|h| HookResult {
+                        name: h.name,
+                        exit_code: if h.timed_out { None } else { h.code },
+                        output: h.output,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            })
         })
         .await
     }

@@ -110,8 +110,8 @@ pub(crate) fn bench_api_branch(runs: u32, memory: u64) -> anyhow::Result<()> {
     daemon.grove(&["create", "main", "--image", "default", "--memory", &memory])?;
     daemon.wait_console("main", "GROVE-INIT-READY")?;
 
-    let (mut beyond, mut pauses, mut restores, mut totals) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut beyond, mut pauses, mut restores, mut totals, mut readies) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 1..=runs {
         let name = format!("feature-{i}");
         let out = daemon.grove(&["--json", "branch", &name, "--from", "main"])?;
@@ -122,9 +122,13 @@ pub(crate) fn bench_api_branch(runs: u32, memory: u64) -> anyhow::Result<()> {
             field(&v, "parent_pause_ms")?,
             field(&v, "restore_ms")?,
         );
+        let ready = v["ready"]["ready_ms"]
+            .as_f64()
+            .with_context(|| format!("no ready.ready_ms in {v}"))?;
         println!(
-            "branch {i}: total {total:.1} ms, parent paused {pause:.1} ms, clone restored in {restore:.1} ms"
+            "branch {i}: total {total:.1} ms, parent paused {pause:.1} ms, clone restored in {restore:.1} ms, made ready (reseed, clock, identity, hooks) in {ready:.1} ms"
         );
+        readies.push(ready);
         beyond.push(total - pause);
         pauses.push(pause);
         restores.push(restore);
@@ -144,6 +148,14 @@ pub(crate) fn bench_api_branch(runs: u32, memory: u64) -> anyhow::Result<()> {
         "clone restore (process start to control socket)",
         &mut restores,
     );
+    row(
+        "clone made ready by the agent (connect, ping, one pipelined round trip)",
+        &mut readies,
+    );
+    let ping = agent_ping_ms(&daemon, 10)?;
+    println!(
+        "agent round trip (exec of `true`, i.e. connect + ping + fork/exec in the guest): median {ping:.1} ms"
+    );
     let (_, median_beyond, _) = crate::stats(&mut beyond);
     println!(
         "target: a branch returns within 150 ms plus the snapshot pause: median {median_beyond:.1} ms beyond the pause -> {}",
@@ -154,4 +166,16 @@ pub(crate) fn bench_api_branch(runs: u32, memory: u64) -> anyhow::Result<()> {
     );
     drop(daemon);
     Ok(())
+}
+
+/// Median wall time of `grove exec main -- true` over `n` runs: a full agent round trip plus
+/// the guest's fork and exec, for scale.
+fn agent_ping_ms(daemon: &Daemon, n: usize) -> anyhow::Result<f64> {
+    let mut times = Vec::new();
+    for _ in 0..n {
+        let started = std::time::Instant::now();
+        daemon.grove(&["exec", "main", "--", "true"])?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(crate::stats(&mut times).1)
 }

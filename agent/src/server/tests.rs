@@ -608,3 +608,43 @@ fn connect_uds_times_out_on_a_silent_vmm() {
     assert!(matches!(error, ClientError::Timeout(_)), "{error}");
     holder.join().expect("holder");
 }
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    use crate::protocol::{ClockRequest, ReseedRequest, Response, RunHooksRequest};
+    let (fixture, stream) = Fixture::start(true);
+    let mut client = Client::connect_stream(stream);
+    let answers = client
+        .pipeline(&[
+            Request::Ping {},
+            Request::Reseed(ReseedRequest {
+                entropy: vec![7; 16],
+            }),
+            Request::Clock(ClockRequest { unix_nanos: 5 }),
+            Request::Identity(identity(None)),
+            Request::RunHooks(RunHooksRequest { timeout_ms: None }),
+        ])
+        .expect("pipeline");
+    assert_eq!(answers.len(), 5);
+    assert!(matches!(answers[0], Response::Pong(_)), "{answers:?}");
+    assert!(matches!(answers[1], Response::Ok {}), "{answers:?}");
+    assert!(matches!(answers[2], Response::Ok {}), "{answers:?}");
+    assert!(matches!(answers[3], Response::Ok {}), "{answers:?}");
+    assert!(matches!(answers[4], Response::Hooks { .. }), "{answers:?}");
+    let calls = fixture.recorder.calls();
+    assert_eq!(calls[0], Call::Entropy(vec![7; 16]));
+    assert_eq!(calls[1], Call::Clock(5));
+    // An error answer ends the pipeline with that error.
+    let error = client
+        .pipeline(&[
+            Request::Reseed(ReseedRequest {
+                entropy: Vec::new(),
+            }),
+            Request::Ping {},
+        ])
+        .expect_err("empty entropy");
+    assert_eq!(
+        error.agent_error().map(|e| e.code),
+        Some(ErrorCode::InvalidArgument)
+    );
+}
