@@ -130,6 +130,42 @@ pub enum ActivateError {
     AlreadyActive,
 }
 
+/// The [`VirtioDevice`] methods that every device answers from its
+/// [`device_state::DeviceState`] field `state`: queue sizes and eventfds, features, and the
+/// activated queues. Used inside `impl VirtioDevice for ...`.
+macro_rules! delegate_to_device_state {
+    () => {
+        fn queue_max_sizes(&self) -> &[u16] {
+            self.state.queue_max_sizes()
+        }
+
+        fn queue_events(&self) -> &[vmm_sys_util::eventfd::EventFd] {
+            self.state.queue_events()
+        }
+
+        fn avail_features(&self) -> u64 {
+            self.state.avail_features()
+        }
+
+        fn acked_features(&self) -> u64 {
+            self.state.acked_features()
+        }
+
+        fn set_acked_features(&mut self, features: u64) {
+            self.state.set_acked_features(features);
+        }
+
+        fn is_activated(&self) -> bool {
+            self.state.is_activated()
+        }
+
+        fn queues(&self) -> &[virtio_queue::Queue] {
+            self.state.queues()
+        }
+    };
+}
+pub(crate) use delegate_to_device_state;
+
 /// A virtio device type (block, rng, ...), independent of the transport.
 pub trait VirtioDevice: Send {
     /// Virtio device type id (`TYPE_*`).

@@ -8,7 +8,6 @@ use log::debug;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
 };
-use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::handler::{Disk, ID_LEN};
@@ -160,25 +159,7 @@ impl VirtioDevice for Block {
         TYPE_BLOCK
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.state.queue_max_sizes()
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        self.state.queue_events()
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.state.avail_features()
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.state.acked_features()
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.state.set_acked_features(features);
-    }
+    crate::devices::virtio::delegate_to_device_state!();
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
@@ -196,16 +177,8 @@ impl VirtioDevice for Block {
         self.state.activate(ctx)
     }
 
-    fn is_activated(&self) -> bool {
-        self.state.is_activated()
-    }
-
     fn set_pause_gate(&mut self, gate: crate::devices::virtio::device_state::PauseGate) {
         self.state.set_pause_gate(gate);
-    }
-
-    fn queues(&self) -> &[Queue] {
-        self.state.queues()
     }
 
     fn reset(&mut self) {

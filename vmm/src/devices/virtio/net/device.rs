@@ -7,7 +7,6 @@ use std::os::fd::AsRawFd;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, warn};
 use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MAC;
-use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::handler::{NetStats, Rx, RxStop, Tx};
@@ -145,25 +144,7 @@ impl VirtioDevice for Net {
         TYPE_NET
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.state.queue_max_sizes()
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        self.state.queue_events()
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.state.avail_features()
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.state.acked_features()
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.state.set_acked_features(features);
-    }
+    crate::devices::virtio::delegate_to_device_state!();
 
     /// `struct virtio_net_config`: only `mac` (bytes 0-5) is offered; the rest reads as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -180,14 +161,6 @@ impl VirtioDevice for Net {
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         self.state.activate(ctx)
-    }
-
-    fn is_activated(&self) -> bool {
-        self.state.is_activated()
-    }
-
-    fn queues(&self) -> &[Queue] {
-        self.state.queues()
     }
 
     fn set_pause_gate(&mut self, gate: PauseGate) {

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::debug;
-use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::handler::EntropySource;
@@ -71,25 +70,7 @@ impl VirtioDevice for Rng {
         TYPE_RNG
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.state.queue_max_sizes()
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        self.state.queue_events()
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.state.avail_features()
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.state.acked_features()
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.state.set_acked_features(features);
-    }
+    crate::devices::virtio::delegate_to_device_state!();
 
     /// virtio-rng has no configuration space.
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
@@ -107,16 +88,8 @@ impl VirtioDevice for Rng {
         self.state.activate(ctx)
     }
 
-    fn is_activated(&self) -> bool {
-        self.state.is_activated()
-    }
-
     fn set_pause_gate(&mut self, gate: crate::devices::virtio::device_state::PauseGate) {
         self.state.set_pause_gate(gate);
-    }
-
-    fn queues(&self) -> &[Queue] {
-        self.state.queues()
     }
 
     fn reset(&mut self) {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, warn};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -308,25 +308,7 @@ impl VirtioDevice for Vsock {
         TYPE_VSOCK
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.state.queue_max_sizes()
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        self.state.queue_events()
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.state.avail_features()
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.state.acked_features()
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.state.set_acked_features(features);
-    }
+    crate::devices::virtio::delegate_to_device_state!();
 
     /// `struct virtio_vsock_config { le64 guest_cid; }`.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -344,17 +326,9 @@ impl VirtioDevice for Vsock {
         self.state.activate(ctx)
     }
 
-    fn is_activated(&self) -> bool {
-        self.state.is_activated()
-    }
-
     fn set_pause_gate(&mut self, gate: PauseGate) {
         self.gate = gate.clone();
         self.state.set_pause_gate(gate);
-    }
-
-    fn queues(&self) -> &[Queue] {
-        self.state.queues()
     }
 
     fn reset(&mut self) {
