@@ -8,7 +8,7 @@ mod e2e_support;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use e2e_support::*;
@@ -16,29 +16,9 @@ use serde_json::json;
 
 #[test]
 fn main_branch_sync_restart_and_delete() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "this test needs KVM: /dev/kvm is missing on this host"
-    );
-    let cache = grove_images::default_cache_dir().unwrap();
-    let set = grove_images::locate_default(&cache)
-        .or_else(|_| grove_images::build_default(&cache))
-        .expect("the default images");
-    let tmp = std::env::temp_dir().join(format!("grove-e2e-api-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).unwrap();
-    let _cleanup = Cleanup(tmp.clone());
-    let data = tmp.join("data");
-    let sock = tmp.join("groved.sock");
-    let daemon = Daemon::start(&data, &sock);
-
-    let (status, body) = json_req(
-        &sock,
-        "POST",
-        "/v1/images",
-        json!({"name": "default", "kernel": set.vmlinux, "rootfs": set.rootfs}),
-    );
-    assert_eq!(status, 201, "{body}");
+    let mut world = World::start("api");
+    let (data, sock) = (world.data.clone(), world.sock.clone());
+    let daemon = world.daemon.take().expect("the daemon");
     let (status, body) = json_req(
         &sock,
         "POST",
