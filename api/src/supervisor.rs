@@ -344,6 +344,7 @@ impl Backend for Supervisor {
                 kind: Default::default(),
                 parent: None,
                 resume: true,
+                mode: Default::default(),
             }),
         )
         .await?;

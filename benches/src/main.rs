@@ -281,6 +281,7 @@ fn take_snapshot(client: &mut ControlClient, dir: &Path) -> anyhow::Result<Snaps
         kind: Default::default(),
         parent: None,
         resume: true,
+        mode: Default::default(),
     };
     match client.request(Request::Snapshot(req))? {
         Response::Snapshot(info) => Ok(info),

@@ -102,6 +102,7 @@ fn kill_9_under_fsync_write_load_loses_no_acknowledged_write() {
             kind: Default::default(),
             parent: None,
             resume: false,
+            mode: Default::default(),
         }))
         .expect("snapshot request")
     {

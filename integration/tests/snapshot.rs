@@ -148,6 +148,7 @@ fn clones_continue_from_the_snapshot_and_diverge() {
             kind: Default::default(),
             parent: None,
             resume: true,
+            mode: Default::default(),
         }),
     );
     let frozen = match resp {

@@ -83,6 +83,7 @@ fn the_guest_kernel_sees_a_new_generation_id_after_a_restore() {
             kind: Default::default(),
             parent: None,
             resume: false,
+            mode: Default::default(),
         }),
     );
     ok(&mut control, Request::Shutdown);

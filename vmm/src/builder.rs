@@ -13,7 +13,7 @@ use crate::boot::{self, layout, BootError, KernelEntry};
 use crate::config::{host_memory_mib, ConfigError, VmConfig};
 use crate::control::server::{ControlError, ControlServer};
 use crate::control::ControlHandler;
-use crate::device_manager::{reassert_interrupts, DeviceError, DeviceManager, Devices};
+use crate::device_manager::{reassert_interrupts, DeviceError, DeviceManager, Devices, Subscriber};
 use crate::devices::legacy::serial::ReadFd;
 use crate::devices::legacy::BootTimer;
 use crate::devices::virtio::block::BlockConfig;
@@ -219,14 +219,18 @@ fn launch(parts: Launch, control: Option<&Path>, paused: bool) -> Result<Vmm, Bu
         cpu,
         start,
     } = parts;
-    let mut subscribers = std::mem::take(&mut devices.subscribers);
+    let subscribers = std::mem::take(&mut devices.subscribers);
     let shared = Arc::new(VmmShared::new(
         exit, boot_timer, devices, config, cpu, start, vm,
     ));
-    if let Some(path) = control {
-        let handler: Arc<dyn ControlHandler> = shared.clone();
-        subscribers.push(Arc::new(Mutex::new(ControlServer::bind(path, handler)?)));
-    }
+    let control_server = match control {
+        Some(path) => {
+            let handler: Arc<dyn ControlHandler> = shared.clone();
+            let server: Subscriber = Arc::new(Mutex::new(ControlServer::bind(path, handler)?));
+            Some(server)
+        }
+        None => None,
+    };
     // The vCPU threads (parked until the first resume) are handed over before the event loop
     // serves the control socket: a request that arrives at once must see every vCPU (a
     // snapshot taken earlier would save none).
@@ -235,8 +239,13 @@ fn launch(parts: Launch, control: Option<&Path>, paused: bool) -> Result<Vmm, Bu
         .map(Vcpu::start)
         .collect::<Result<Vec<VcpuHandle>, _>>()?;
     shared.set_vcpus(handles);
-    let event_loop = EventLoop::start(subscribers)?;
-    let vmm = Vmm::new(shared, event_loop);
+    let event_loop = EventLoop::start("event-loop", subscribers)?;
+    // Its own thread: a request may take long (a live snapshot copies all of guest memory
+    // while the guest runs) and must not hold up device I/O meanwhile.
+    let control_loop = control_server
+        .map(|server| EventLoop::start("control", vec![server]))
+        .transpose()?;
+    let vmm = Vmm::new(shared, event_loop, control_loop);
     if !paused {
         vmm.resume().map_err(BuildError::Start)?;
         // Stable format: the restore benchmark parses this line.

@@ -1,6 +1,9 @@
-//! The VMM's single event-loop thread: device queues, console input, and later the control
-//! socket, all multiplexed on one epoll through `event-manager`. One thread for all device
-//! I/O keeps pausing simple: stop this thread's work and no device touches guest memory.
+//! Event-loop threads: one epoll each through `event-manager`. The VMM runs two: `event-loop`
+//! for all device I/O (device queues, console input, host sockets of vsock and net) and
+//! `control` for the control socket. One thread for all device I/O keeps pausing simple:
+//! close the pause gate, wait for the device being served, and no device touches guest
+//! memory. The control socket has its own thread so that a long request (a live snapshot
+//! copies all of guest memory while the guest runs) never holds up device I/O.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,8 +56,9 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// Starts the thread with `subscribers` registered (their `init` runs on that thread).
-    pub fn start(subscribers: Vec<Subscriber>) -> Result<Self, EventLoopError> {
+    /// Starts the thread `name` with `subscribers` registered (their `init` runs on that
+    /// thread).
+    pub fn start(name: &str, subscribers: Vec<Subscriber>) -> Result<Self, EventLoopError> {
         let stop_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::EventFd)?);
         let stop = Arc::new(AtomicBool::new(false));
         let stopper: Subscriber = Arc::new(Mutex::new(Stopper {
@@ -63,7 +67,7 @@ impl EventLoop {
         }));
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
-            .name("event-loop".into())
+            .name(name.into())
             .spawn(move || {
                 let mut manager = match EventManager::<Subscriber>::new() {
                     Ok(m) => m,

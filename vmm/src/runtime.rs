@@ -1,6 +1,7 @@
-//! A running VM: its vCPU threads, event loop and devices, with pause, resume, snapshot
+//! A running VM: its vCPU threads, event loops and devices, with pause, resume, snapshot
 //! and stop. The state shared with the control socket lives in [`VmmShared`]; requests run
-//! on the event-loop thread, so no device processes a queue while a request is handled.
+//! on the `control` thread while the `event-loop` thread keeps serving the devices, so
+//! anything that needs the devices still must pause them first (the pause gate).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -8,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use crate::config::VmConfig;
 use crate::control::protocol::{
-    DiskStatus, ErrorCode, Request, Response, SnapshotInfo, SnapshotKind, SnapshotRequest,
-    StatusInfo, VmGenIdStatus, VmRunState, VsockStatus,
+    DiskStatus, ErrorCode, PassInfo, PrecopyInfo, Request, Response, SnapshotInfo, SnapshotKind,
+    SnapshotMode, SnapshotRequest, StatusInfo, VmGenIdStatus, VmRunState, VsockStatus,
 };
 use crate::control::ControlHandler;
 use crate::device_manager::{
-    branch_disks, flush_disks, prepare_disk_spares, save_devices, Devices, VirtioDeviceHandle,
+    branch_disks, flush_disks, prepare_disk_spares, save_devices, Devices, DevicesState,
+    VirtioDeviceHandle,
 };
 use crate::devices::legacy::BootTimer;
 use crate::event_loop::EventLoop;
@@ -22,7 +24,8 @@ use crate::snapshot::memory::ParentRef;
 use crate::snapshot::{self, cpu::CpuInfo, SnapshotError, SnapshotState};
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuState};
-use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::vcpu_state::VcpuArchState;
+use crate::vstate::vm::{Vm, VmError, VmState};
 
 /// Errors controlling a running VM.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +42,9 @@ pub enum VmmError {
     Exited,
     #[error("the VM must be paused for this")]
     NotPaused,
-    #[error("diff snapshots need dirty page tracking (track_dirty_pages / --track-dirty-pages)")]
+    #[error(
+        "diff and live snapshots need dirty page tracking (track_dirty_pages / --track-dirty-pages)"
+    )]
     NotTracking,
     #[error("a diff snapshot needs a parent: this VM's previous snapshot")]
     NoParent,
@@ -150,10 +155,16 @@ impl VmmShared {
         Ok(())
     }
 
-    /// vCPUs first (no new notifications), then device processing.
+    /// vCPUs first (no new notifications), then device processing: the gate closes, then
+    /// each virtio device's lock is taken once, so a request the event loop was serving at
+    /// that moment has finished (devices check the gate under that lock) and no device
+    /// touches guest memory until the resume.
     fn pause_locked(&self) -> Result<(), VmmError> {
         self.set_state(VcpuEvent::Pause, VcpuState::Paused, VmRunState::Paused)?;
         self.devices.gate.set_closed(true);
+        for slot in &self.devices.virtio {
+            drop(lock(&slot.device.as_virtio()));
+        }
         Ok(())
     }
 
@@ -245,8 +256,10 @@ impl VmmShared {
     }
 
     /// Writes a snapshot to `req.dir`: full, or for `kind: diff` only the pages written since
-    /// `req.parent`. The VM is paused for the whole operation (and resumed afterwards if it
-    /// was running and `req.resume` is set).
+    /// `req.parent`. `mode: paused` pauses the VM for the whole operation; `mode: live`
+    /// copies memory while a running VM runs and pauses it only for the last dirty pages and
+    /// the device, disk and vCPU state (see [`live_snapshot`](Self::live_snapshot)). The VM
+    /// is resumed afterwards if it was running and `req.resume` is set.
     pub fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotInfo, VmmError> {
         let t0 = Instant::now();
         let _op = lock(&self.lifecycle);
@@ -255,6 +268,9 @@ impl VmmShared {
             SnapshotKind::Diff => Some(self.diff_parent(req.parent.as_deref())?),
         };
         let was_running = self.run_state() == VmRunState::Running;
+        if req.mode == SnapshotMode::Live && was_running {
+            return self.live_snapshot(req, parent, t0);
+        }
         if was_running {
             self.pause_locked()?;
         }
@@ -266,10 +282,7 @@ impl VmmShared {
             pause = paused_at.elapsed();
         }
         let written = result?;
-        // The next branch's overlays, now that the VM runs again.
-        if !written.frozen_layers.is_empty() {
-            prepare_disk_spares(&self.devices);
-        }
+        self.after_snapshot(&written);
         Ok(SnapshotInfo {
             dir: req.dir.clone(),
             kind: req.kind,
@@ -278,7 +291,16 @@ impl VmmShared {
             disk_branch_ms: ms(written.disk_branch),
             total_ms: ms(t0.elapsed()),
             memory_bytes: written.memory_bytes,
+            mode: SnapshotMode::Paused,
+            precopy: None,
         })
+    }
+
+    /// Prepares the next branch's overlays, now that the VM runs again.
+    fn after_snapshot(&self, written: &Written) {
+        if !written.frozen_layers.is_empty() {
+            prepare_disk_spares(&self.devices);
+        }
     }
 
     /// Saves everything into `dir` atomically. Save order: devices first, then vCPUs and
@@ -297,19 +319,21 @@ impl VmmShared {
             return Err(SnapshotError::Exists(dir.display().to_string()).into());
         }
         let written = self.write_snapshot_files(dir, parent, tracking)?;
-        if tracking {
-            let absolute = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-            *lock(&self.last_snapshot) = Some((absolute, written.memory_blake3.clone()));
-        }
+        self.remember_snapshot(dir, &written);
         Ok(written)
     }
 
-    fn write_snapshot_files(
-        &self,
-        dir: &Path,
-        parent: Option<ParentRef>,
-        tracking: bool,
-    ) -> Result<Written, VmmError> {
+    /// Records `dir` as the parent the next diff snapshot may use.
+    fn remember_snapshot(&self, dir: &Path, written: &Written) {
+        if self.vm.tracks_dirty_pages() {
+            let absolute = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+            *lock(&self.last_snapshot) = Some((absolute, written.memory_blake3.clone()));
+        }
+    }
+
+    /// Flushes and branches the disks and saves the device, vCPU and VM state: the cut a
+    /// snapshot records. The VM must be paused.
+    fn save_cut(&self) -> Result<Cut, VmmError> {
         flush_disks(&self.devices).map_err(VmmError::Flush)?;
         // The disks as they are now become frozen layers the snapshot records.
         let branch_start = Instant::now();
@@ -324,6 +348,37 @@ impl VmmShared {
                 .collect::<Result<Vec<_>, _>>()?
         };
         let vm = self.vm.save_state()?;
+        Ok(Cut {
+            devices,
+            vcpus,
+            vm,
+            frozen_layers,
+            disk_branch,
+        })
+    }
+
+    /// The state file's contents for a cut and its memory.
+    fn snapshot_state(&self, memory: snapshot::memory::MemoryState, cut: Cut) -> SnapshotState {
+        SnapshotState {
+            written_by: format!("grove-vmm {}", env!("CARGO_PKG_VERSION")),
+            config: self.config.clone(),
+            cpu: self.cpu.clone(),
+            memory,
+            devices: cut.devices,
+            vcpus: cut.vcpus,
+            vm: cut.vm,
+        }
+    }
+
+    fn write_snapshot_files(
+        &self,
+        dir: &Path,
+        parent: Option<ParentRef>,
+        tracking: bool,
+    ) -> Result<Written, VmmError> {
+        let cut = self.save_cut()?;
+        let frozen_layers = cut.frozen_layers.clone();
+        let disk_branch = cut.disk_branch;
         // Last, after the devices were saved (which may complete work into guest memory).
         let dirty = if tracking {
             *lock(&self.last_snapshot) = None;
@@ -332,29 +387,20 @@ impl VmmShared {
             None
         };
         let memory = self.memory();
-        let written = snapshot::write_atomically(dir, |tmp| {
+        let written = snapshot::write_atomically(dir, |tmp| -> Result<_, VmmError> {
             let path = tmp.join(snapshot::MEMORY_FILE);
             let memory_state = match (parent, &dirty) {
                 (Some(parent), Some(dirty)) => {
-                    snapshot::memory::write_diff(memory, &path, dirty, parent)?
+                    snapshot::memory::write_diff(memory, &path, dirty, parent)
+                        .map_err(SnapshotError::from)?
                 }
-                _ => snapshot::memory::write(memory, &path)?,
+                _ => snapshot::memory::write(memory, &path).map_err(SnapshotError::from)?,
             };
-            let bytes = match &memory_state.pages {
-                Some(runs) => runs.iter().map(|(_, n)| n * 4096).sum(),
-                None => memory_state.file_size,
-            };
+            let bytes = memory_bytes(&memory_state);
             let blake3 = memory_state.blake3.clone();
-            let state = SnapshotState {
-                written_by: format!("grove-vmm {}", env!("CARGO_PKG_VERSION")),
-                config: self.config.clone(),
-                cpu: self.cpu.clone(),
-                memory: memory_state,
-                devices,
-                vcpus,
-                vm,
-            };
-            snapshot::format::write_file(&tmp.join(snapshot::STATE_FILE), &state)?;
+            let state = self.snapshot_state(memory_state, cut);
+            snapshot::format::write_file(&tmp.join(snapshot::STATE_FILE), &state)
+                .map_err(SnapshotError::from)?;
             Ok((bytes, blake3))
         })?;
         Ok(Written {
@@ -362,6 +408,120 @@ impl VmmShared {
             memory_blake3: written.1,
             frozen_layers,
             disk_branch,
+        })
+    }
+
+    /// A live snapshot of a running VM (pre-copy):
+    ///
+    /// 1. While the guest runs: clear the dirty log and copy all of memory (for a diff, the
+    ///    pages written since the parent); then copy the pages dirtied during the previous
+    ///    pass, again and again, until a pass copies at most [`CONVERGED_PAGES`] or
+    ///    [`MAX_PASSES`] passes were made.
+    /// 2. Pause; save the cut exactly as a paused snapshot does (disks flushed and branched,
+    ///    devices, vCPUs, VM); read the dirty log a last time, which now also holds whatever
+    ///    saving the devices wrote, and copy those pages. Memory in the file is now memory at
+    ///    the cut.
+    /// 3. Resume; then sync and hash the memory file, write the state file, and publish the
+    ///    directory. Any failure before the directory is published removes it whole, and
+    ///    the VM keeps running (it is resumed if it was paused for the cut).
+    fn live_snapshot(
+        &self,
+        req: &SnapshotRequest,
+        parent: Option<ParentRef>,
+        t0: Instant,
+    ) -> Result<SnapshotInfo, VmmError> {
+        if !self.vm.tracks_dirty_pages() {
+            return Err(VmmError::NotTracking);
+        }
+        if req.dir.exists() {
+            return Err(SnapshotError::Exists(req.dir.display().to_string()).into());
+        }
+        *lock(&self.last_snapshot) = None;
+        let memory = self.memory();
+        let diff = parent.is_some();
+        let exiting = || self.exit.is_requested();
+        let mut pause = Duration::ZERO;
+        let (written, precopy) = snapshot::write_atomically(&req.dir, |tmp| {
+            let path = tmp.join(snapshot::MEMORY_FILE);
+            let mut file = snapshot::memory::LiveFile::create(memory, &path, diff)
+                .map_err(SnapshotError::from)?;
+            let mut copy_pass = |first: bool| -> Result<PassInfo, VmmError> {
+                let start = Instant::now();
+                let dirty = self.vm.take_dirty_pages()?;
+                let pages = if first && !diff {
+                    file.copy_all(memory, &exiting)
+                } else {
+                    file.copy_pages(memory, &dirty)
+                }
+                .map_err(SnapshotError::from)?;
+                Ok(PassInfo {
+                    pages,
+                    ms: ms(start.elapsed()),
+                })
+            };
+            let mut passes = vec![copy_pass(true)?];
+            while passes.len() < MAX_PASSES {
+                if exiting() {
+                    return Err(VmmError::Exited);
+                }
+                let pass = copy_pass(false)?;
+                let converged = pass.pages <= CONVERGED_PAGES;
+                passes.push(pass);
+                if converged {
+                    break;
+                }
+            }
+            let precopy_ms = ms(t0.elapsed());
+
+            self.pause_locked()?;
+            let paused_at = Instant::now();
+            let cut = self.save_cut().and_then(|cut| {
+                let dirty = self.vm.take_dirty_pages()?;
+                let pages = file
+                    .copy_pages(memory, &dirty)
+                    .map_err(SnapshotError::from)?;
+                Ok((cut, pages))
+            });
+            let resumed = if req.resume {
+                self.resume_locked()
+            } else {
+                Ok(())
+            };
+            pause = paused_at.elapsed();
+            let (cut, final_pages) = cut?;
+            resumed?;
+
+            let finish_start = Instant::now();
+            let memory_state = file.finish(parent).map_err(SnapshotError::from)?;
+            let written = Written {
+                memory_bytes: memory_bytes(&memory_state),
+                memory_blake3: memory_state.blake3.clone(),
+                frozen_layers: cut.frozen_layers.clone(),
+                disk_branch: cut.disk_branch,
+            };
+            let state = self.snapshot_state(memory_state, cut);
+            snapshot::format::write_file(&tmp.join(snapshot::STATE_FILE), &state)
+                .map_err(SnapshotError::from)?;
+            let precopy = PrecopyInfo {
+                passes,
+                final_pages,
+                precopy_ms,
+                finish_ms: ms(finish_start.elapsed()),
+            };
+            Ok::<_, VmmError>((written, precopy))
+        })?;
+        self.remember_snapshot(&req.dir, &written);
+        self.after_snapshot(&written);
+        Ok(SnapshotInfo {
+            dir: req.dir.clone(),
+            kind: req.kind,
+            pause_ms: ms(pause),
+            frozen_layers: written.frozen_layers,
+            disk_branch_ms: ms(written.disk_branch),
+            total_ms: ms(t0.elapsed()),
+            memory_bytes: written.memory_bytes,
+            mode: SnapshotMode::Live,
+            precopy: Some(precopy),
         })
     }
 
@@ -437,6 +597,30 @@ impl VmmShared {
     }
 }
 
+/// A live snapshot's pre-copy stops after this many passes (the first included), even if
+/// the guest dirties memory faster than it is copied: the pause then copies the rest.
+const MAX_PASSES: usize = 8;
+/// A pre-copy pass that copied at most this many pages (1 MiB) ends the pre-copy: the
+/// next, made in the pause, copies about as few.
+const CONVERGED_PAGES: u64 = 256;
+
+/// Bytes of guest memory a memory file holds.
+fn memory_bytes(state: &snapshot::memory::MemoryState) -> u64 {
+    match &state.pages {
+        Some(runs) => runs.iter().map(|(_, n)| n * 4096).sum(),
+        None => state.file_size,
+    }
+}
+
+/// The state of a paused VM a snapshot records besides its memory.
+struct Cut {
+    devices: DevicesState,
+    vcpus: Vec<VcpuArchState>,
+    vm: VmState,
+    frozen_layers: Vec<PathBuf>,
+    disk_branch: Duration,
+}
+
 /// What writing a snapshot produced.
 struct Written {
     memory_bytes: u64,
@@ -492,15 +676,25 @@ impl ControlHandler for VmmShared {
     }
 }
 
-/// A VM whose vCPU threads and event loop are running.
+/// A VM whose vCPU threads and event loops are running.
 pub struct Vmm {
     shared: Arc<VmmShared>,
     event_loop: EventLoop,
+    /// Serves the control socket, when there is one.
+    control_loop: Option<EventLoop>,
 }
 
 impl Vmm {
-    pub(crate) fn new(shared: Arc<VmmShared>, event_loop: EventLoop) -> Self {
-        Self { shared, event_loop }
+    pub(crate) fn new(
+        shared: Arc<VmmShared>,
+        event_loop: EventLoop,
+        control_loop: Option<EventLoop>,
+    ) -> Self {
+        Self {
+            shared,
+            event_loop,
+            control_loop,
+        }
     }
 
     /// The state shared with the control socket.
@@ -557,6 +751,11 @@ impl Vmm {
 
     fn shutdown(&mut self) {
         self.shared.join_vcpus();
+        // No request runs during the teardown (one in progress finishes first; a snapshot
+        // sees the exit and stops).
+        if let Some(control) = &mut self.control_loop {
+            control.stop();
+        }
         self.event_loop.stop();
         if let Err(e) = flush_disks(&self.shared.devices) {
             log::error!("cannot flush a disk at exit: {e}");

@@ -188,6 +188,7 @@ fn snapshot(vm: &Vmm, dir: &Path) -> vmm::control::protocol::SnapshotInfo {
         kind: Default::default(),
         parent: None,
         resume: true,
+        mode: Default::default(),
     })
     .unwrap()
 }
@@ -322,6 +323,7 @@ fn a_snapshot_past_the_depth_limit_fails_and_the_vm_runs_on() {
             kind: Default::default(),
             parent: None,
             resume: true,
+            mode: Default::default(),
         })
         .unwrap_err();
     let text = error_chain(&e);

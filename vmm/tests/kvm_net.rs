@@ -121,6 +121,7 @@ fn clones_reopen_tap0_each_in_its_own_namespace() {
             kind: Default::default(),
             parent: None,
             resume: true,
+            mode: Default::default(),
         })
         .unwrap();
         vm.stop();

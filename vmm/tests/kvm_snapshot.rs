@@ -64,6 +64,7 @@ fn snapshot_req(dir: &Path, resume: bool) -> SnapshotRequest {
         kind: Default::default(),
         parent: None,
         resume,
+        mode: Default::default(),
     }
 }
 
@@ -385,6 +386,7 @@ fn diff_req(dir: &Path, parent: &Path, resume: bool) -> SnapshotRequest {
         kind: SnapshotKind::Diff,
         parent: Some(parent.to_path_buf()),
         resume,
+        mode: Default::default(),
     }
 }
 

@@ -46,6 +46,7 @@ fn snapshot(vm: &Vmm, dir: &Path) {
         kind: Default::default(),
         parent: None,
         resume: true,
+        mode: Default::default(),
     })
     .unwrap();
 }

@@ -120,6 +120,22 @@ pub struct SnapshotRequest {
     /// Resume the VM afterwards if it was running before the request.
     #[serde(default = "default_true")]
     pub resume: bool,
+    /// Stop-and-copy, or pre-copy while the guest runs.
+    #[serde(default)]
+    pub mode: SnapshotMode,
+}
+
+/// How a running VM's memory is copied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// Pause, copy memory, resume: the pause lasts the whole copy.
+    #[default]
+    Paused,
+    /// Copy memory while the guest runs, then copy again the pages it dirtied meanwhile
+    /// (KVM dirty log), until few remain; pause only for those and the device state. Needs
+    /// dirty page tracking. For a VM that is already paused it is the same as `paused`.
+    Live,
 }
 
 fn default_true() -> bool {
@@ -268,6 +284,35 @@ pub struct SnapshotInfo {
     pub total_ms: f64,
     /// Bytes of guest memory written.
     pub memory_bytes: u64,
+    /// How memory was copied.
+    #[serde(default)]
+    pub mode: SnapshotMode,
+    /// For a live snapshot of a running VM: the copy passes made while the guest ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopy: Option<PrecopyInfo>,
+}
+
+/// What a live snapshot copied while the guest ran, and in the pause.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrecopyInfo {
+    /// One entry per pass while the guest ran: the first copies all memory (for a diff,
+    /// the pages written since the parent), each later one the pages dirtied during the
+    /// pass before.
+    pub passes: Vec<PassInfo>,
+    /// Pages copied in the pause (dirtied during the last pass).
+    pub final_pages: u64,
+    /// From the request to the pause.
+    pub precopy_ms: f64,
+    /// After the resume: syncing and hashing the memory file and writing the state.
+    pub finish_ms: f64,
+}
+
+/// One pre-copy pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PassInfo {
+    /// 4 KiB pages copied (for the first pass of a full snapshot: all of them).
+    pub pages: u64,
+    pub ms: f64,
 }
 
 /// Why a request failed.
@@ -366,6 +411,7 @@ mod tests {
                 kind: SnapshotKind::Diff,
                 parent: Some("/tmp/p".into()),
                 resume: false,
+                mode: Default::default(),
             }),
         ];
         for (i, request) in requests.into_iter().enumerate() {
@@ -415,6 +461,16 @@ mod tests {
                 pause_ms: 1.0,
                 total_ms: 2.0,
                 memory_bytes: 4096,
+                mode: SnapshotMode::Live,
+                precopy: Some(PrecopyInfo {
+                    passes: vec![PassInfo {
+                        pages: 1024,
+                        ms: 3.5,
+                    }],
+                    final_pages: 3,
+                    precopy_ms: 4.0,
+                    finish_ms: 1.0,
+                }),
             }),
             Response::MemoryDigest {
                 algorithm: "sha256".into(),
@@ -473,6 +529,7 @@ mod tests {
                 kind: SnapshotKind::Full,
                 parent: None,
                 resume: true,
+                mode: Default::default(),
             })
         );
     }

@@ -61,6 +61,8 @@ impl ControlHandler for MockHandler {
                 disk_branch_ms: 0.0,
                 total_ms: 3.0,
                 memory_bytes: 1 << 20,
+                mode: s.mode,
+                precopy: None,
             }),
             Request::Pause | Request::Shutdown => Response::Ok,
         }
@@ -205,6 +207,7 @@ fn status_round_trip() {
         kind: SnapshotKind::Diff,
         parent: Some("/base".into()),
         resume: false,
+        mode: SnapshotMode::Live,
     };
     match c.request(Request::Snapshot(snap.clone())).unwrap() {
         Response::Snapshot(info) => assert_eq!(info.dir, PathBuf::from("/snap")),

@@ -237,6 +237,211 @@ pub fn write_diff(
     Ok(state)
 }
 
+/// A memory file filled while the guest runs (a live snapshot): every pass copies whole
+/// pages at their place in the layout of a full memory file, so a page copied again
+/// simply replaces its older copy. [`finish`](Self::finish) syncs and hashes the file as
+/// it ends up, after the guest has resumed.
+pub struct LiveFile {
+    file: File,
+    path: std::path::PathBuf,
+    display: String,
+    regions: Vec<RegionState>,
+    file_size: u64,
+    /// For a diff: every file page written by any pass (bit per file page).
+    written: Option<Vec<u64>>,
+    buf: Vec<u8>,
+}
+
+impl LiveFile {
+    /// Creates `path` (which must not exist) sized for all of `mem`; `diff` keeps the list
+    /// of pages written, for a diff snapshot.
+    pub fn create(mem: &GuestMemoryMmap, path: &Path, diff: bool) -> Result<Self, MemoryFileError> {
+        let display = path.display().to_string();
+        let file = OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|source| MemoryFileError::Write {
+                path: display.clone(),
+                source,
+            })?;
+        let mut regions = Vec::new();
+        let mut offset = 0u64;
+        for region in mem.iter() {
+            regions.push(RegionState {
+                guest_addr: region.start_addr().0,
+                size: region.len(),
+                file_offset: offset,
+            });
+            offset += region.len();
+        }
+        let pages = (offset / crate::vstate::memory::PAGE_SIZE as u64) as usize;
+        let live = Self {
+            file,
+            path: path.to_path_buf(),
+            display,
+            regions,
+            file_size: offset,
+            written: diff.then(|| vec![0u64; pages.div_ceil(64)]),
+            buf: vec![0u8; BLOCK],
+        };
+        live.file.set_len(offset).map_err(|e| live.werr(e))?;
+        Ok(live)
+    }
+
+    fn werr(&self, source: std::io::Error) -> MemoryFileError {
+        MemoryFileError::Write {
+            path: self.display.clone(),
+            source,
+        }
+    }
+
+    /// Copies all of guest memory; blocks that read as zeros stay holes (the file is new).
+    /// `cancelled` is asked between blocks: when it says yes the copy stops with an error.
+    /// Returns the pages copied.
+    pub fn copy_all(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<u64, MemoryFileError> {
+        use std::os::unix::fs::FileExt;
+        for index in 0..self.regions.len() {
+            let RegionState {
+                guest_addr,
+                size,
+                file_offset,
+            } = self.regions[index];
+            let mut done = 0u64;
+            while done < size {
+                if cancelled() {
+                    return Err(self.werr(std::io::Error::new(
+                        std::io::ErrorKind::Interrupted,
+                        "the VM is exiting",
+                    )));
+                }
+                let n = (size - done).min(BLOCK as u64) as usize;
+                let chunk = &mut self.buf[..n];
+                mem.read_slice(chunk, GuestAddress(guest_addr + done))
+                    .map_err(MemoryFileError::Guest)?;
+                if chunk.iter().any(|b| *b != 0) {
+                    let r = self.file.write_all_at(chunk, file_offset + done);
+                    r.map_err(|e| self.werr(e))?;
+                }
+                done += n as u64;
+            }
+        }
+        Ok(self.file_size / crate::vstate::memory::PAGE_SIZE as u64)
+    }
+
+    /// Copies the pages set in `dirty` (per region, in region order, as
+    /// [`crate::vstate::vm::Vm::take_dirty_pages`] returns them), zero pages included, in
+    /// runs of consecutive pages. Returns the pages copied.
+    pub fn copy_pages(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        dirty: &[Vec<u64>],
+    ) -> Result<u64, MemoryFileError> {
+        use std::os::unix::fs::FileExt;
+        const PAGE: u64 = crate::vstate::memory::PAGE_SIZE as u64;
+        const RUN: u64 = BLOCK as u64 / PAGE;
+        let mut copied = 0u64;
+        for (index, bitmap) in dirty.iter().enumerate().take(self.regions.len()) {
+            let region = self.regions[index].clone();
+            let pages = region.size / PAGE;
+            let mut page = 0u64;
+            while page < pages {
+                if !bit_set(bitmap, page as usize) {
+                    // Skip clean words whole.
+                    if page.is_multiple_of(64) && bitmap.get((page / 64) as usize).is_some_and(|w| *w == 0) {
+                        page += 64;
+                    } else {
+                        page += 1;
+                    }
+                    continue;
+                }
+                let first = page;
+                while page < pages && page - first < RUN && bit_set(bitmap, page as usize) {
+                    page += 1;
+                }
+                let len = ((page - first) * PAGE) as usize;
+                let chunk = &mut self.buf[..len];
+                mem.read_slice(chunk, GuestAddress(region.guest_addr + first * PAGE))
+                    .map_err(MemoryFileError::Guest)?;
+                let at = region.file_offset + first * PAGE;
+                let r = self.file.write_all_at(chunk, at);
+                r.map_err(|e| self.werr(e))?;
+                if let Some(written) = &mut self.written {
+                    for p in at / PAGE..at / PAGE + (page - first) {
+                        if let Some(w) = written.get_mut((p / 64) as usize) {
+                            *w |= 1 << (p % 64);
+                        }
+                    }
+                }
+                copied += page - first;
+            }
+        }
+        Ok(copied)
+    }
+
+    /// Syncs the file and hashes it as written (a diff's unwritten pages hash as zeros and
+    /// are never read), records the verification stamp, and returns the layout: full, or
+    /// for `parent` a diff listing every page any pass wrote.
+    pub fn finish(self, parent: Option<ParentRef>) -> Result<MemoryState, MemoryFileError> {
+        use std::os::unix::fs::FileExt;
+        const PAGE: u64 = crate::vstate::memory::PAGE_SIZE as u64;
+        self.file.sync_all().map_err(|e| self.werr(e))?;
+        let read_err = |source| MemoryFileError::Open {
+            path: self.display.clone(),
+            source,
+        };
+        let mut hasher = blake3::Hasher::new();
+        let mut pages = None;
+        match (&self.written, &parent) {
+            (Some(written), Some(_)) => {
+                let mut runs: Vec<(u64, u64)> = Vec::new();
+                let mut buf = vec![0u8; BLOCK];
+                let zeros = vec![0u8; BLOCK];
+                let mut off = 0u64;
+                while off < self.file_size {
+                    let n = (self.file_size - off).min(BLOCK as u64);
+                    let first = off / PAGE;
+                    let any = (first..first + n / PAGE).any(|p| bit_set(written, p as usize));
+                    if any {
+                        let chunk = &mut buf[..n as usize];
+                        self.file.read_exact_at(chunk, off).map_err(read_err)?;
+                        hasher.update(chunk);
+                        for p in first..first + n / PAGE {
+                            if bit_set(written, p as usize) {
+                                match runs.last_mut() {
+                                    Some((f, c)) if *f + *c == p => *c += 1,
+                                    _ => runs.push((p, 1)),
+                                }
+                            }
+                        }
+                    } else {
+                        hasher.update(&zeros[..n as usize]);
+                    }
+                    off += n;
+                }
+                pages = Some(runs);
+            }
+            _ => {
+                hasher.update_reader(&self.file).map_err(read_err)?;
+            }
+        }
+        let state = MemoryState {
+            regions: self.regions.clone(),
+            file_size: self.file_size,
+            blake3: hasher.finalize().to_hex().to_string(),
+            parent: if pages.is_some() { parent } else { None },
+            pages,
+        };
+        write_stamp(&self.path, &state.blake3);
+        Ok(state)
+    }
+}
+
 /// Checks a diff's page list against its layout: runs sorted, disjoint, non-empty, inside
 /// the file.
 pub fn check_pages(state: &MemoryState) -> Result<(), MemoryFileError> {

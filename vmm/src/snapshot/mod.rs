@@ -219,12 +219,12 @@ fn fsync_dir(dir: &Path) -> Result<(), SnapshotError> {
 
 /// Runs `write` to fill `<dir>.tmp`, then publishes it atomically as `<dir>`. On any error
 /// the temporary directory is removed and `<dir>` does not exist.
-pub fn write_atomically<T>(
+pub fn write_atomically<T, E: From<SnapshotError>>(
     dir: &Path,
-    write: impl FnOnce(&Path) -> Result<T, SnapshotError>,
-) -> Result<T, SnapshotError> {
+    write: impl FnOnce(&Path) -> Result<T, E>,
+) -> Result<T, E> {
     if dir.exists() {
-        return Err(SnapshotError::Exists(dir.display().to_string()));
+        return Err(SnapshotError::Exists(dir.display().to_string()).into());
     }
     let tmp = tmp_dir(dir);
     if tmp.exists() {
@@ -232,7 +232,7 @@ pub fn write_atomically<T>(
         std::fs::remove_dir_all(&tmp).map_err(io("remove stale", &tmp))?;
     }
     let result = std::fs::create_dir_all(&tmp)
-        .map_err(io("create", &tmp))
+        .map_err(|e| io("create", &tmp)(e).into())
         .and_then(|()| write(&tmp))
         .and_then(|value| {
             fsync_dir(&tmp)?;
@@ -282,12 +282,12 @@ mod tests {
         assert!(dir.join("a").exists());
         assert!(!tmp_dir(&dir).exists());
         assert!(matches!(
-            write_atomically(&dir, |_| Ok(())),
+            write_atomically(&dir, |_| Ok::<_, SnapshotError>(())),
             Err(SnapshotError::Exists(_))
         ));
 
         let failed = root.join("failed");
-        let r: Result<(), _> = write_atomically(&failed, |tmp| {
+        let r: Result<(), SnapshotError> = write_atomically(&failed, |tmp| {
             std::fs::write(tmp.join("half"), b"x").unwrap();
             Err(SnapshotError::NotADirectory("simulated failure".into()))
         });
@@ -301,7 +301,7 @@ mod tests {
             read_state(&stale),
             Err(SnapshotError::Unfinished(_))
         ));
-        write_atomically(&root.join("again"), |_| Ok(())).unwrap();
+        write_atomically(&root.join("again"), |_| Ok::<_, SnapshotError>(())).unwrap();
         assert!(!stale.exists());
         std::fs::remove_dir_all(root).unwrap();
     }

@@ -234,6 +234,19 @@ static void test_counter(void) {
     for (;;) (*counter)++;
 }
 
+/* Dirties memory as fast as it can: one word in every page of DIRTY_START..DIRTY_END per
+ * sweep, each sweep writing the next counter value (a live snapshot's worst case). */
+#define DIRTY_START 0x1000000UL
+#define DIRTY_END 0x3000000UL
+static void test_dirty(void) {
+    volatile u64 *counter = (volatile u64 *)COUNTER_ADDR;
+    puts("dirtying\n");
+    for (;;) {
+        u64 v = ++*counter;
+        for (u64 a = DIRTY_START; a < DIRTY_END; a += 4096) *(volatile u64 *)a = v;
+    }
+}
+
 /* Prints the VM generation ID, then counts and prints it again whenever it changes (the VMM
  * writes a new one when a restored VM first resumes). */
 static void print_vmgenid(u64 lo, u64 hi) {
@@ -268,6 +281,7 @@ void guest_main(const u8 *zero_page) {
     else if (is_test(t, "blk")) test_blk();
     else if (is_test(t, "rng")) test_rng();
     else if (is_test(t, "counter")) test_counter();
+    else if (is_test(t, "dirty")) test_dirty();
     else if (is_test(t, "cpuid")) test_cpuid();
     else if (is_test(t, "vmgenid")) test_vmgenid();
     else if (is_test(t, "triple-fault")) {
