@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use vmm::disk::DiskFormat;
 
-use crate::model::HookResult;
+use crate::model::{HookResult, SnapshotMode};
 use crate::network::EnvNetwork;
 
 /// A VM to boot.
@@ -36,6 +36,8 @@ pub struct Running {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Frozen {
     pub pause_ms: f64,
+    /// How memory was copied (a paused VM is always copied paused).
+    pub mode: SnapshotMode,
     /// The layer the disk was frozen into.
     pub frozen_layer: Option<PathBuf>,
 }
@@ -118,9 +120,14 @@ pub trait Backend: Send + Sync + 'static {
         overlay: &Path,
         netns: Option<&str>,
     ) -> impl Future<Output = BResult<Running>> + Send;
-    /// Snapshots the VM in `dir` into the directory `into` (memory and disk together); the
-    /// VM keeps running.
-    fn snapshot(&self, dir: &Path, into: &Path) -> impl Future<Output = BResult<Frozen>> + Send;
+    /// Snapshots the VM in `dir` into the directory `into` (memory and disk together),
+    /// copying memory in `mode`; the VM keeps running. On failure nothing is left at `into`.
+    fn snapshot(
+        &self,
+        dir: &Path,
+        into: &Path,
+        mode: SnapshotMode,
+    ) -> impl Future<Output = BResult<Frozen>> + Send;
     fn pause(&self, dir: &Path) -> impl Future<Output = BResult<()>> + Send;
     fn resume(&self, dir: &Path) -> impl Future<Output = BResult<()>> + Send;
     /// Stops the VMM `pid` serving `dir` (shutdown, then SIGKILL); Ok if it is gone.

@@ -119,7 +119,16 @@ pub struct CreateEnvironment {
     /// booted from an image, no when branched.
     #[serde(default)]
     pub allow_outbound: Option<bool>,
+    /// For a branch: how the parent's memory is copied (`?mode=` on the request, not part
+    /// of the body); `None` is live.
+    #[serde(skip)]
+    pub snapshot_mode: Option<SnapshotMode>,
 }
+
+/// How a running environment's memory is copied for a snapshot or branch: `live` (the
+/// default: pre-copied while it runs, paused only for the last dirty pages and the device
+/// state) or `paused` (stop-and-copy, for comparison). Chosen with `?mode=`.
+pub use vmm::control::protocol::SnapshotMode;
 
 /// How long a branch took.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,6 +136,9 @@ pub struct CreateEnvironment {
 pub struct BranchTimings {
     /// How long the parent was paused for the snapshot.
     pub parent_pause_ms: f64,
+    /// How the parent's memory was copied.
+    #[serde(default)]
+    pub snapshot_mode: SnapshotMode,
     /// The snapshot request, from the daemon's side.
     pub snapshot_ms: f64,
     /// From starting the clone's VMM to its vCPUs running.

@@ -31,7 +31,7 @@ use crate::backend::{
 use crate::error::ApiError;
 use crate::model::{
     BranchTimings, CreateEnvironment, CreateImage, EnvState, Environment, EnvironmentCreated,
-    Event, ExecRequest, ExecResult, Image, Readiness, Snapshot,
+    Event, ExecRequest, ExecResult, Image, Readiness, Snapshot, SnapshotMode,
 };
 use crate::names;
 use crate::network::{NetworkConfig, Proxies};
@@ -576,9 +576,14 @@ impl<B: Backend> Orchestrator<B> {
         Ok(row.dir)
     }
 
-    /// Snapshots running environment `parent` (under its lock) and records the snapshot and
-    /// its frozen layer. Returns the snapshot and the parent's pause.
-    async fn take_snapshot(&self, parent: &str) -> Result<(SnapshotRow, f64)> {
+    /// Snapshots running environment `parent` (under its lock; memory copied in `mode`, live
+    /// by default) and records the snapshot and its frozen layer. Returns the snapshot, the
+    /// time the request took and how memory was copied.
+    async fn take_snapshot(
+        &self,
+        parent: &str,
+        mode: Option<SnapshotMode>,
+    ) -> Result<(SnapshotRow, f64, SnapshotMode)> {
         let lock = self.lock_for(parent);
         let _guard = lock.lock().await;
         let mut prow = self.env_row(parent)?;
@@ -594,7 +599,7 @@ impl<B: Backend> Orchestrator<B> {
         let started = Instant::now();
         let frozen = self
             .backend
-            .snapshot(&prow.dir, &dir)
+            .snapshot(&prow.dir, &dir, mode.unwrap_or(SnapshotMode::Live))
             .await
             .map_err(|e| ApiError::internal(format!("cannot snapshot {parent}: {e}")))?;
         let snapshot_ms = ms(started);
@@ -627,7 +632,7 @@ impl<B: Backend> Orchestrator<B> {
         })?;
         self.store.update_env(&prow)?;
         self.emit("environment", parent, "snapshot", Some(prow.state));
-        Ok((row, snapshot_ms))
+        Ok((row, snapshot_ms, frozen.mode))
     }
 
     /// Restores `snap` into the reserved `row` on a new overlay.
@@ -696,14 +701,15 @@ impl<B: Backend> Orchestrator<B> {
             // The clone's namespace is made while the parent is snapshotted.
             let allow_outbound = req.allow_outbound.unwrap_or(false);
             let (snapshot, network) = tokio::join!(
-                self.take_snapshot(&from),
+                self.take_snapshot(&from, req.snapshot_mode),
                 self.create_network(&row, allow_outbound, &req.publish)
             );
-            let (snap, snapshot_ms) = snapshot?;
+            let (snap, snapshot_ms, snapshot_mode) = snapshot?;
             network?;
             let restore_ms = self.restore_into(&mut row, &snap).await?;
             let timings = BranchTimings {
                 parent_pause_ms: snap.pause_ms,
+                snapshot_mode,
                 snapshot_ms,
                 restore_ms,
                 total_ms: 0.0,
@@ -942,8 +948,8 @@ impl<B: Backend> Service for Orchestrator<B> {
         self.set_running(name, true).await
     }
 
-    async fn snapshot(&self, name: &str) -> Result<Snapshot> {
-        let (row, _) = self.take_snapshot(name).await?;
+    async fn snapshot(&self, name: &str, mode: Option<SnapshotMode>) -> Result<Snapshot> {
+        let (row, _, _) = self.take_snapshot(name, mode).await?;
         Ok(Snapshot {
             id: row.id,
             environment: row.environment,
@@ -953,7 +959,7 @@ impl<B: Backend> Service for Orchestrator<B> {
         })
     }
 
-    async fn sync(&self, name: &str) -> Result<EnvironmentCreated> {
+    async fn sync(&self, name: &str, mode: Option<SnapshotMode>) -> Result<EnvironmentCreated> {
         let started = Instant::now();
         let lock = self.lock_for(name);
         let _guard = lock.lock().await;
@@ -971,7 +977,7 @@ impl<B: Backend> Service for Orchestrator<B> {
             )));
         }
         // Snapshot the parent first: if that fails, the environment is untouched.
-        let (snap, snapshot_ms) = self.take_snapshot(&parent).await?;
+        let (snap, snapshot_ms, snapshot_mode) = self.take_snapshot(&parent, mode).await?;
         self.stop_and_clear(&row).await?;
         row.state = EnvState::Starting;
         row.pid = None;
@@ -1003,6 +1009,7 @@ impl<B: Backend> Service for Orchestrator<B> {
             environment: self.public(&row),
             branch: Some(BranchTimings {
                 parent_pause_ms: snap.pause_ms,
+                snapshot_mode,
                 snapshot_ms,
                 restore_ms,
                 total_ms: ms(started),

@@ -12,7 +12,9 @@ use vmm::disk::DiskFormat;
 use crate::backend::{
     AgentError, BResult, Backend, Frozen, GuestCommand, GuestOutput, Prepare, Running, VmSpec,
 };
-use crate::model::{CreateEnvironment, CreateImage, EnvState, ExecRequest, HookResult};
+use crate::model::{
+    CreateEnvironment, CreateImage, EnvState, ExecRequest, HookResult, SnapshotMode,
+};
 use crate::network::{EnvNetwork, NetworkConfig};
 use crate::orchestrator::Orchestrator;
 use crate::service::Service;
@@ -104,14 +106,15 @@ impl Backend for FakeBackend {
         Ok(self.0.start())
     }
 
-    async fn snapshot(&self, dir: &Path, into: &Path) -> BResult<Frozen> {
+    async fn snapshot(&self, dir: &Path, into: &Path, mode: SnapshotMode) -> BResult<Frozen> {
         self.0.log(format!("snapshot {}", dir.display()));
         std::fs::create_dir_all(into).map_err(|e| e.to_string())?;
         let name = into.file_name().unwrap().to_string_lossy().into_owned();
         let frozen = dir.join(format!("disk@{name}.qcow2"));
         std::fs::write(&frozen, b"frozen").map_err(|e| e.to_string())?;
         Ok(Frozen {
-            pause_ms: 2.0,
+            pause_ms: if mode == SnapshotMode::Live { 0.5 } else { 2.0 },
+            mode,
             frozen_layer: Some(frozen),
         })
     }
@@ -311,6 +314,7 @@ fn boot_req(name: &str) -> CreateEnvironment {
         agent: None,
         publish: Vec::new(),
         allow_outbound: None,
+        snapshot_mode: None,
     }
 }
 
@@ -324,6 +328,7 @@ fn branch_req(name: &str, from: &str) -> CreateEnvironment {
         agent: None,
         publish: Vec::new(),
         allow_outbound: None,
+        snapshot_mode: None,
     }
 }
 
@@ -360,7 +365,32 @@ async fn boot_branch_and_delete_leave_nothing_behind() {
     assert_eq!(x.environment.parent.as_deref(), Some("main"));
     assert_eq!(x.environment.snapshot.as_deref(), Some("main@1"));
     let t = x.branch.unwrap();
-    assert_eq!(t.parent_pause_ms, 2.0);
+    assert_eq!(
+        t.snapshot_mode,
+        SnapshotMode::Live,
+        "branches are live by default"
+    );
+    assert_eq!(
+        t.parent_pause_ms, 0.5,
+        "the backend's pause for a live snapshot"
+    );
+    let paused = s
+        .orch
+        .create_environment(CreateEnvironment {
+            snapshot_mode: Some(SnapshotMode::Paused),
+            ..branch_req("feature/paused", "main")
+        })
+        .await
+        .unwrap();
+    let t = paused.branch.unwrap();
+    assert_eq!(
+        (t.snapshot_mode, t.parent_pause_ms),
+        (SnapshotMode::Paused, 2.0)
+    );
+    s.orch
+        .delete_environment("feature/paused", false)
+        .await
+        .unwrap();
     let list = s.orch.list_environments().await.unwrap();
     let names: Vec<&str> = list.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names, ["main", "feature/x"]);
@@ -435,7 +465,7 @@ async fn bad_requests_are_4xx() {
     s.orch.pause("main").await.unwrap();
     let e = s.orch.pause("main").await.unwrap_err();
     assert_eq!(e.status, 409);
-    let e = s.orch.sync("main").await.unwrap_err();
+    let e = s.orch.sync("main", None).await.unwrap_err();
     assert_eq!(e.status, 409);
     // No half-made environment after the failures.
     assert_eq!(s.orch.list_environments().await.unwrap().len(), 1);
@@ -450,7 +480,7 @@ async fn sync_reclones_from_the_parent_and_drops_the_old_snapshot() {
         .create_environment(branch_req("staging", "main"))
         .await
         .unwrap();
-    let synced = s.orch.sync("staging").await.unwrap();
+    let synced = s.orch.sync("staging", None).await.unwrap();
     assert_eq!(synced.environment.snapshot.as_deref(), Some("main@2"));
     assert_eq!(synced.environment.state, EnvState::Running);
     // main@1 belongs to main, which still exists: kept. Only one VMM per environment runs.
@@ -811,7 +841,7 @@ async fn networked_environments_get_an_address_a_namespace_and_ports() {
     assert_eq!(s.fake.namespaces.lock().unwrap().len(), 2);
 
     // Sync keeps the namespace, the address and the ports.
-    let synced = s.orch.sync("x").await.unwrap().environment;
+    let synced = s.orch.sync("x", None).await.unwrap().environment;
     assert_eq!((synced.address, synced.ports), (x.address, x.ports.clone()));
     let restore = calls(&s, "restore ");
     assert!(

@@ -9,7 +9,7 @@ use tokio::sync::broadcast;
 use crate::error::ApiError;
 use crate::model::{
     CreateEnvironment, CreateImage, Environment, EnvironmentCreated, Event, ExecRequest,
-    ExecResult, Image, Snapshot,
+    ExecResult, Image, Snapshot, SnapshotMode,
 };
 
 pub type Result<T> = std::result::Result<T, ApiError>;
@@ -37,9 +37,18 @@ pub trait Service: Send + Sync + 'static {
     ) -> impl Future<Output = Result<()>> + Send;
     fn pause(&self, name: &str) -> impl Future<Output = Result<Environment>> + Send;
     fn resume(&self, name: &str) -> impl Future<Output = Result<Environment>> + Send;
-    fn snapshot(&self, name: &str) -> impl Future<Output = Result<Snapshot>> + Send;
+    /// Snapshots a running environment, copying its memory in `mode` (`None`: live).
+    fn snapshot(
+        &self,
+        name: &str,
+        mode: Option<SnapshotMode>,
+    ) -> impl Future<Output = Result<Snapshot>> + Send;
     /// Re-clones the environment from its parent's current state.
-    fn sync(&self, name: &str) -> impl Future<Output = Result<EnvironmentCreated>> + Send;
+    fn sync(
+        &self,
+        name: &str,
+        mode: Option<SnapshotMode>,
+    ) -> impl Future<Output = Result<EnvironmentCreated>> + Send;
     /// Console output from byte `offset` on (at most `limit` bytes).
     fn console(
         &self,

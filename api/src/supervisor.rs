@@ -32,7 +32,7 @@ use crate::backend::{
     AgentError, Backend, Frozen, GuestCommand, GuestOutput, Prepare, Running, VmSpec,
     MAX_EXEC_OUTPUT,
 };
-use crate::model::HookResult;
+use crate::model::{HookResult, SnapshotMode};
 use crate::network::{self, EnvNetwork};
 
 pub const DISK: &str = "disk.qcow2";
@@ -264,6 +264,8 @@ impl Backend for Supervisor {
         config.initrd = spec.initrd.clone();
         config.vcpus = spec.vcpus;
         config.memory_mib = spec.memory_mib;
+        // Live snapshots (the default for branches) need the dirty log; clones inherit it.
+        config.track_dirty_pages = true;
         config.serial = Some(spec.dir.join(CONSOLE));
         config.rootfs = Some(DiskConfig {
             format: DiskFormat::Qcow2,
@@ -336,7 +338,12 @@ impl Backend for Supervisor {
         })
     }
 
-    async fn snapshot(&self, dir: &Path, into: &Path) -> Result<Frozen, String> {
+    async fn snapshot(
+        &self,
+        dir: &Path,
+        into: &Path,
+        mode: SnapshotMode,
+    ) -> Result<Frozen, String> {
         let response = Self::request(
             dir,
             Request::Snapshot(SnapshotRequest {
@@ -344,13 +351,20 @@ impl Backend for Supervisor {
                 kind: Default::default(),
                 parent: None,
                 resume: true,
-                mode: Default::default(),
+                mode,
             }),
         )
-        .await?;
-        match response {
+        .await;
+        // A VMM killed mid-snapshot leaves its unfinished directory: remove it, so that a
+        // failed snapshot leaves nothing behind.
+        let partial = vmm::snapshot::tmp_dir(into);
+        if response.is_err() && partial.exists() {
+            let _ = std::fs::remove_dir_all(&partial);
+        }
+        match response? {
             Response::Snapshot(info) => Ok(Frozen {
                 pause_ms: info.pause_ms,
+                mode: info.mode,
                 frozen_layer: info.frozen_layers.into_iter().next(),
             }),
             other => Err(format!("unexpected answer {other:?}")),

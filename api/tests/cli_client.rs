@@ -437,6 +437,7 @@ fn staging() -> Environment {
 fn timings() -> BranchTimings {
     BranchTimings {
         parent_pause_ms: 12.5,
+        snapshot_mode: grove_api::model::SnapshotMode::Live,
         snapshot_ms: 20.0,
         restore_ms: 60.25,
         total_ms: 85.0,
@@ -542,6 +543,7 @@ async fn client_sends_every_route_and_parses_the_answers() {
         agent: None,
         publish: Vec::new(),
         allow_outbound: None,
+        snapshot_mode: None,
     };
     let created = c.create_environment(&branch).await.expect("branch");
     assert_eq!(created.branch, Some(timings()));
@@ -641,6 +643,7 @@ fn routes_match_the_openapi_spec() {
         agent: None,
         publish: Vec::new(),
         allow_outbound: None,
+        snapshot_mode: None,
     };
     let exec = ExecRequest {
         argv: vec!["true".into()],

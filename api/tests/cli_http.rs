@@ -21,6 +21,7 @@ fn branch(name: &str, from: &str) -> CreateEnvironment {
         agent: None,
         publish: Vec::new(),
         allow_outbound: None,
+        snapshot_mode: None,
     }
 }
 

@@ -258,6 +258,7 @@ fn readiness() -> Readiness {
 fn timings() -> BranchTimings {
     BranchTimings {
         parent_pause_ms: 1.0,
+        snapshot_mode: grove_api::model::SnapshotMode::Live,
         snapshot_ms: 2.0,
         restore_ms: 3.0,
         total_ms: 4.0,
@@ -356,6 +357,7 @@ fn schemas_match_the_model_types() {
                 agent: Some(true),
                 publish: vec![80],
                 allow_outbound: Some(true),
+                snapshot_mode: None,
             }),
         ),
     ];

@@ -176,6 +176,40 @@ async fn environment_actions() {
     assert_eq!(reply.status, 201);
     let snapshot: Snapshot = parse(&reply);
     assert_eq!(snapshot.environment, "f/1");
+    assert_eq!(snapshot.pause_ms, 0.25, "live by default");
+    let path = "/v1/environments/f/1/snapshot?mode=paused";
+    let reply = request(&unix, "POST", path, &[], None).await;
+    assert_eq!(reply.status, 201);
+    assert_eq!(
+        parse::<Snapshot>(&reply).pause_ms,
+        7.25,
+        "the query chose paused"
+    );
+    let path = "/v1/environments/f/1/snapshot?mode=fast";
+    let reply = request(&unix, "POST", path, &[], None).await;
+    assert_eq!(reply.status, 400);
+    let reply = post_json(
+        &unix,
+        "/v1/environments?mode=paused",
+        r#"{"name": "f/paused", "from": "main"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 201);
+    let created: EnvironmentCreated = parse(&reply);
+    assert_eq!(
+        created.branch.map(|b| b.snapshot_mode),
+        Some(grove_api::model::SnapshotMode::Paused)
+    );
+    let reply = post_json(
+        &unix,
+        "/v1/environments",
+        r#"{"name": "f/body", "from": "main", "snapshot_mode": "paused"}"#,
+    )
+    .await;
+    assert_eq!(
+        reply.status, 400,
+        "the mode is a query parameter, not a body field"
+    );
 
     let reply = request(&unix, "POST", "/v1/environments/f/1/sync", &[], None).await;
     assert_eq!(reply.status, 200);

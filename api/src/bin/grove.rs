@@ -340,6 +340,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 agent: no_agent.then_some(false),
                 publish,
                 allow_outbound: no_outbound.then_some(false),
+                snapshot_mode: None,
             };
             if json {
                 return raw(Route::CreateEnvironment(&req)).await;
@@ -365,6 +366,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 agent: no_agent.then_some(false),
                 publish,
                 allow_outbound: allow_outbound.then_some(true),
+                snapshot_mode: None,
             };
             if json {
                 return raw(Route::CreateEnvironment(&req)).await;

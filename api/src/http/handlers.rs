@@ -150,8 +150,9 @@ async fn dispatch<S: Service>(
             Ok(body::json(StatusCode::OK, &svc.list_environments().await?))
         }
         Op::CreateEnvironment => {
-            routes::no_query(query)?;
-            let req: CreateEnvironment = body::read_json(&parts.headers, body, timeout).await?;
+            let mode = routes::parse_mode(query)?;
+            let mut req: CreateEnvironment = body::read_json(&parts.headers, body, timeout).await?;
+            req.snapshot_mode = mode;
             names::validate("environment", &req.name)?;
             if let Some(image) = &req.image {
                 names::validate("image", image)?;
@@ -179,15 +180,22 @@ async fn dispatch<S: Service>(
             svc.delete_environment(&name, params.force).await?;
             Ok(body::no_content())
         }
-        Op::Pause | Op::Resume | Op::Snapshot | Op::Sync => {
+        Op::Pause | Op::Resume => {
             routes::no_query(query)?;
             let name = name("environment")?;
             body::read_none(body, timeout).await?;
             Ok(match op {
                 Op::Pause => body::json(StatusCode::OK, &svc.pause(&name).await?),
-                Op::Resume => body::json(StatusCode::OK, &svc.resume(&name).await?),
-                Op::Snapshot => body::json(StatusCode::CREATED, &svc.snapshot(&name).await?),
-                _ => body::json(StatusCode::OK, &svc.sync(&name).await?),
+                _ => body::json(StatusCode::OK, &svc.resume(&name).await?),
+            })
+        }
+        Op::Snapshot | Op::Sync => {
+            let mode = routes::parse_mode(query)?;
+            let name = name("environment")?;
+            body::read_none(body, timeout).await?;
+            Ok(match op {
+                Op::Snapshot => body::json(StatusCode::CREATED, &svc.snapshot(&name, mode).await?),
+                _ => body::json(StatusCode::OK, &svc.sync(&name, mode).await?),
             })
         }
         Op::ConsoleInput => {

@@ -3,6 +3,7 @@
 //! so every rule is unit-tested on strings.
 
 use crate::error::ApiError;
+use crate::model::SnapshotMode;
 use crate::names;
 
 /// What a routed request asks for. One variant per row of [`ROUTES`].
@@ -208,6 +209,24 @@ fn parse_query(
 /// Refuses any query parameter.
 pub(crate) fn no_query(raw: Option<&str>) -> Result<(), ApiError> {
     parse_query(raw, &[]).map(|_| ())
+}
+
+/// `?mode=live|paused` of the requests that snapshot a running environment (a branch, a
+/// snapshot, a sync); `None` when absent (live).
+pub(crate) fn parse_mode(raw: Option<&str>) -> Result<Option<SnapshotMode>, ApiError> {
+    let mut mode = None;
+    for (_, value) in parse_query(raw, &["mode"])? {
+        mode = Some(match value.as_str() {
+            "live" => SnapshotMode::Live,
+            "paused" => SnapshotMode::Paused,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "mode must be live or paused, not {other:?}"
+                )))
+            }
+        });
+    }
+    Ok(mode)
 }
 
 /// `DELETE /v1/environments/{name}`'s parameters.
@@ -451,6 +470,22 @@ mod tests {
             Some(DeleteParams { force: true })
         );
         assert!(no_query(Some("")).is_ok());
+        assert_eq!(parse_mode(None).ok(), Some(None));
+        assert_eq!(
+            parse_mode(Some("mode=paused")).ok(),
+            Some(Some(SnapshotMode::Paused))
+        );
+        assert_eq!(
+            parse_mode(Some("mode=live")).ok(),
+            Some(Some(SnapshotMode::Live))
+        );
+        for bad in ["mode=fast", "mode=", "mode=live&mode=live", "force=true"] {
+            assert_eq!(
+                parse_mode(Some(bad)).map_err(|e| e.status),
+                Err(400),
+                "{bad}"
+            );
+        }
         assert!(no_query(Some("&&")).is_ok());
         let console = ConsoleParams::parse(Some("offset=10&follow=true&limit=5")).ok();
         assert_eq!(

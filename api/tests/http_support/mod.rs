@@ -16,7 +16,7 @@ use grove_api::error::ApiError;
 use grove_api::http::{self, BearerToken, Listeners, ServeOptions};
 use grove_api::model::{
     BranchTimings, CreateEnvironment, CreateImage, EnvState, Environment, EnvironmentCreated,
-    Event, Image, Snapshot,
+    Event, Image, Snapshot, SnapshotMode,
 };
 use grove_api::service::{Result, Service};
 use http_body_util::{BodyExt, Full};
@@ -252,6 +252,7 @@ impl Service for FakeService {
                         environment: env(&req.name, Some(from), &parent.image.clone()),
                         branch: Some(BranchTimings {
                             parent_pause_ms: 12.5,
+                            snapshot_mode: req.snapshot_mode.unwrap_or(SnapshotMode::Live),
                             snapshot_ms: 20.0,
                             restore_ms: 30.0,
                             total_ms: 55.0,
@@ -309,7 +310,7 @@ impl Service for FakeService {
         self.set_state(name, EnvState::Paused, EnvState::Running)
     }
 
-    async fn snapshot(&self, name: &str) -> Result<Snapshot> {
+    async fn snapshot(&self, name: &str, mode: Option<SnapshotMode>) -> Result<Snapshot> {
         let mut state = self.lock();
         let env = state
             .environments
@@ -322,11 +323,15 @@ impl Service for FakeService {
             environment: name.into(),
             parent: env.snapshot,
             created: 1_700_000_003,
-            pause_ms: 7.25,
+            // Distinct per mode, so tests see which one the query chose.
+            pause_ms: match mode.unwrap_or(SnapshotMode::Live) {
+                SnapshotMode::Live => 0.25,
+                SnapshotMode::Paused => 7.25,
+            },
         })
     }
 
-    async fn sync(&self, name: &str) -> Result<EnvironmentCreated> {
+    async fn sync(&self, name: &str, mode: Option<SnapshotMode>) -> Result<EnvironmentCreated> {
         let env = self.get_environment(name).await?;
         if env.parent.is_none() {
             return Err(ApiError::conflict(format!(
@@ -337,6 +342,7 @@ impl Service for FakeService {
             environment: env,
             branch: Some(BranchTimings {
                 parent_pause_ms: 1.0,
+                snapshot_mode: mode.unwrap_or(SnapshotMode::Live),
                 snapshot_ms: 2.0,
                 restore_ms: 3.0,
                 total_ms: 6.0,

@@ -353,7 +353,9 @@ impl LiveFile {
             while page < pages {
                 if !bit_set(bitmap, page as usize) {
                     // Skip clean words whole.
-                    if page.is_multiple_of(64) && bitmap.get((page / 64) as usize).is_some_and(|w| *w == 0) {
+                    if page.is_multiple_of(64)
+                        && bitmap.get((page / 64) as usize).is_some_and(|w| *w == 0)
+                    {
                         page += 64;
                     } else {
                         page += 1;
