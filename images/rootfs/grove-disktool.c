@@ -20,6 +20,14 @@
  *       Checks that blocks START .. START+COUNT-1 hold exactly their records. Prints
  *       "VERIFY-OK COUNT", or "VERIFY-BAD i" for the first bad block and exits 1.
  *
+ *   grove-disktool dirty SIZE_MIB RATE_KIB SECONDS
+ *       Memory load for live-snapshot tests and benchmarks: allocates SIZE_MIB MiB, writes every
+ *       page once (then prints "DIRTY-READY pages=N"), then writes one word of the next page (round robin) at RATE_KIB KiB of pages
+ *       per second (0: as fast as it can) for SECONDS seconds (0: for ever). It reads the
+ *       monotonic clock between batches, so a gap between two reads is a time it did not run
+ *       (the VM paused, or its vCPU not scheduled). Once a second it prints
+ *       "DIRTY t=T pages=P max_gap_us=G": the pages written and the largest gap in that second.
+ *
  * Record i (4096 bytes): "GROVE-REC", i as 16 lowercase hex digits, then '\n' up to byte 32;
  * bytes 32..4095 are all (i * 31 + 0xa5) & 0xff.
  *
@@ -61,7 +69,8 @@ typedef long i64;
 #define NONE ((u64)-1) /* no number in a die() message */
 #define USAGE                                                                                   \
     "usage: grove-disktool bench DEVICE seq-read|seq-write|rand-read|rand-write SIZE_MIB "     \
-    "[BLOCK_KIB] | fsync-loop DEVICE START COUNT | verify DEVICE START COUNT\n"
+    "[BLOCK_KIB] | fsync-loop DEVICE START COUNT | verify DEVICE START COUNT | "                \
+    "dirty SIZE_MIB RATE_KIB SECONDS\n"
 
 static i64 sys(i64 n, i64 a, i64 b, i64 c, i64 d, i64 e, i64 f) {
     i64 ret;
@@ -318,11 +327,50 @@ static void verify(char **argv) {
     out(&l, 1);
 }
 
+static void dirty(char **argv) {
+    u64 size = number(argv[2], MAX_SIZE_MIB) << 20;
+    u64 rate_kib = number(argv[3], MAX_SIZE_MIB << 10);
+    u64 seconds = number(argv[4], MAX_RECORD);
+    u64 pages = size / REC;
+    if (pages == 0) usage();
+    unsigned char *buf = buffer(size);
+    for (u64 p = 0; p < pages; p++) *(volatile u64 *)(buf + p * REC) = p + 1;
+    struct line ready;
+    ready.n = 0;
+    add(&ready, "DIRTY-READY pages="), add_u64(&ready, pages), add(&ready, "\n");
+    out(&ready, 1);
+    u64 start = now_ns(), last = start, second_start = start;
+    u64 written = 0, in_second = 0, max_gap = 0, next = 0, value = 1;
+    for (;;) {
+        u64 now = now_ns();
+        if (now - last > max_gap) max_gap = now - last;
+        last = now;
+        if (now - second_start >= 1000000000UL) {
+            struct line l;
+            l.n = 0;
+            add(&l, "DIRTY t="), add_u64(&l, (now - start) / 1000000000UL);
+            add(&l, " pages="), add_u64(&l, in_second);
+            add(&l, " max_gap_us="), add_u64(&l, max_gap / 1000), add(&l, "\n");
+            out(&l, 1);
+            second_start = now, in_second = 0, max_gap = 0;
+            last = now_ns();
+            if (seconds && (now - start) / 1000000000UL >= seconds) return;
+        }
+        /* Pages due by now at the rate; at most 64 per batch, so the clock is read often. */
+        u64 due = rate_kib ? (u64)((double)(now - start) / 1e9 * (double)rate_kib / 4.0) : written + 64;
+        for (u64 n = 0; written < due && n < 64; n++, written++, in_second++) {
+            *(volatile u64 *)(buf + next * REC) = ++value;
+            next = next + 1 == pages ? 0 : next + 1;
+        }
+    }
+}
+
 void grove_disktool(i64 argc, char **argv) {
     if (argc < 2) usage();
     if (eq(argv[1], "bench") && (argc == 5 || argc == 6)) bench(argv, (int)argc);
     else if (eq(argv[1], "fsync-loop") && argc == 5) fsync_loop(argv);
     else if (eq(argv[1], "verify") && argc == 5) verify(argv);
+    else if (eq(argv[1], "dirty") && argc == 5) dirty(argv);
     else usage();
     quit(0);
 }
