@@ -20,6 +20,7 @@ use crate::devices::virtio::block::BlockConfig;
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::exit::ExitNotifier;
 use crate::runtime::{Vmm, VmmError, VmmShared};
+use crate::seccomp::ThreadKind;
 use crate::snapshot::cpu::{CpuCompatError, CpuInfo};
 use crate::snapshot::{self, SnapshotError, SnapshotState};
 use crate::vstate::cpuid::{self, CpuTemplate, CpuidError};
@@ -235,7 +236,14 @@ fn launch(parts: Launch, control: Option<&Path>, paused: bool) -> Result<Vmm, Bu
         .map(Vcpu::start)
         .collect::<Result<Vec<VcpuHandle>, _>>()?;
     shared.set_vcpus(handles);
-    let event_loop = EventLoop::start(subscribers)?;
+    // While the control server runs on the event loop, that thread needs the union of
+    // both allowlists.
+    let filter: &'static [ThreadKind] = if control.is_some() {
+        &[ThreadKind::EventLoop, ThreadKind::Control]
+    } else {
+        &[ThreadKind::EventLoop]
+    };
+    let event_loop = EventLoop::start(subscribers, filter)?;
     let vmm = Vmm::new(shared, event_loop);
     if !paused {
         vmm.resume().map_err(BuildError::Start)?;

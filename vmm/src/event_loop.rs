@@ -12,6 +12,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device_manager::Subscriber;
+use crate::seccomp::{self, ThreadKind};
 
 /// Errors starting the event loop.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,8 @@ pub enum EventLoopError {
     Spawn(#[source] std::io::Error),
     #[error("the event-loop thread ended during start-up")]
     Died,
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Ends the loop when its eventfd is written.
@@ -53,8 +56,13 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// Starts the thread with `subscribers` registered (their `init` runs on that thread).
-    pub fn start(subscribers: Vec<Subscriber>) -> Result<Self, EventLoopError> {
+    /// Starts the thread with `subscribers` registered (their `init` runs on that thread),
+    /// then installs the seccomp filter allowing what `filter`'s thread kinds may call
+    /// before the loop runs.
+    pub fn start(
+        subscribers: Vec<Subscriber>,
+        filter: &'static [ThreadKind],
+    ) -> Result<Self, EventLoopError> {
         let stop_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::EventFd)?);
         let stop = Arc::new(AtomicBool::new(false));
         let stopper: Subscriber = Arc::new(Mutex::new(Stopper {
@@ -75,6 +83,10 @@ impl EventLoop {
                 manager.add_subscriber(stopper);
                 for s in subscribers {
                     manager.add_subscriber(s);
+                }
+                if let Err(e) = seccomp::apply_combined(filter) {
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
                 }
                 let _ = ready_tx.send(Ok(()));
                 while !stop.load(Ordering::SeqCst) {

@@ -377,6 +377,11 @@ impl VmmShared {
         let spawned = std::thread::Builder::new()
             .name("disk-spares".into())
             .spawn(move || {
+                // Creating overlays is what a snapshot's disk branch does.
+                if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Control) {
+                    log::warn!("cannot prepare the disks' next branch: {e}");
+                    return;
+                }
                 // Under the lifecycle lock, so no snapshot branches meanwhile.
                 let _op = lock(&me.lifecycle);
                 prepare_disk_spares(&me.devices);
