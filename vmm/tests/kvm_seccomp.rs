@@ -23,6 +23,7 @@ fn start_vmm(tmp: &TempDir, extra: &[&str], env: Option<(&str, &str)>) -> (Child
         let status = Command::new(VMM)
             .args(["disk", "create", "--size", "1048576"])
             .arg(&disk)
+            .stdout(Stdio::null())
             .status()
             .unwrap();
         assert!(status.success(), "disk create: {status}");
@@ -61,7 +62,8 @@ fn connect(sock: &Path, child: &mut Child) -> ControlClient {
     }
 }
 
-/// (thread name, `Seccomp:` value) of every thread of `pid`.
+/// (thread name, `Seccomp:` value) of every thread of `pid`. A filtered thread must carry
+/// exactly one filter: its own, not one inherited from the thread that started it.
 fn thread_modes(pid: u32) -> Vec<(String, String)> {
     let mut modes = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
@@ -76,7 +78,12 @@ fn thread_modes(pid: u32) -> Vec<(String, String)> {
                 .map(|v| v.trim().to_string())
                 .unwrap_or_default()
         };
-        modes.push((field("Name:"), field("Seccomp:")));
+        let mode = field("Seccomp:");
+        let filters = field("Seccomp_filters:");
+        if mode == "2" && !filters.is_empty() {
+            assert_eq!(filters, "1", "{} carries {filters} filters", field("Name:"));
+        }
+        modes.push((field("Name:"), mode));
     }
     modes.sort();
     modes
@@ -233,6 +240,47 @@ fn a_restored_vmm_is_filtered_and_works() {
     }
     let (code, stderr) = stderr_of(clone);
     assert_eq!(code, 0, "{stderr}");
+}
+
+/// The test guest's block test on a qcow2 disk: reads, writes, flushes through the filtered
+/// event loop, then resets the VM; the filtered main thread tears down (flushing the disk).
+#[test]
+fn a_guest_using_a_qcow2_disk_runs_to_its_reset_under_the_filters() {
+    require_kvm();
+    let tmp = TempDir::new("seccomp-blk");
+    let disk = tmp.join("blk.qcow2");
+    let status = Command::new(VMM)
+        .args(["disk", "create", "--size", "1048576"])
+        .arg(&disk)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let serial = tmp.join("serial.txt");
+    let out = Command::new(VMM)
+        .args(["run", "--no-rng", "--cmdline", "test=blk", "--kernel"])
+        .arg(test_guest())
+        .arg("--rootfs")
+        .arg(format!("{},qcow2", disk.display()))
+        .arg("--serial")
+        .arg(&serial)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let console = std::fs::read_to_string(&serial).unwrap();
+    for step in [
+        "write2 status=00",
+        "flush status=00",
+        "used=0201 byte0=c3",
+        "done",
+    ] {
+        assert!(
+            console.contains(step),
+            "no {step:?} in the console:\n{console}"
+        );
+    }
 }
 
 #[test]

@@ -272,6 +272,15 @@ fn common(t: &mut Table) {
     );
     // abort() (a panic in release builds) raises SIGABRT on itself.
     allow_signal_to_self(t, libc::SIGABRT);
+    // On a SIGSEGV or SIGBUS that is not a stack overflow, the runtime's handler restores
+    // the default action and returns to fault again: a crash stays a crash instead of
+    // turning into a filter kill.
+    for signal in [libc::SIGSEGV, libc::SIGBUS] {
+        t.allow_if(
+            sys!(SYS_rt_sigaction),
+            vec![(0, Len::Dword, Op::Eq, signal as u64)],
+        );
+    }
 }
 
 /// The main thread after set-up: waits for the VM's exit, then stops the vCPUs (kick
@@ -281,7 +290,13 @@ fn main(t: &mut Table) {
     t.allow(&[
         // The exit notifier's eventfd.
         sys!(SYS_read),
-        // Flushing the disks at exit.
+        // Flushing the disks at exit: a qcow2 image writes its cached metadata
+        // (refcounts, L2 tables), then syncs.
+        sys!(SYS_pread64),
+        sys!(SYS_pwrite64),
+        sys!(SYS_preadv),
+        sys!(SYS_pwritev),
+        sys!(SYS_lseek),
         sys!(SYS_fsync),
         sys!(SYS_fdatasync),
         // Removing the sockets it created; checking they are still its own first.
