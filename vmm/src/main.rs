@@ -20,15 +20,18 @@ use vmm_sys_util::terminal::Terminal;
 
 mod disk_cmd;
 
+/// The exit codes of `run` and `restore`, for `--help`.
+const EXIT_CODES: &str = "Exit codes of run and restore: 0 the guest reset or powered off (or \
+                          the VM was stopped); 1 the VM failed while running; 2 the VM could \
+                          not be started; 148 a thread made a system call its seccomp filter \
+                          forbids (one line on standard error names it; see docs/seccomp.md).";
+
 #[derive(Parser)]
 #[command(
     name = "grove-vmm",
     version,
     about = "Grove's KVM micro-VM monitor",
-    after_help = "Exit codes of run and restore: 0 the guest reset or powered off (or the VM \
-                  was stopped); 1 the VM failed while running; 2 the VM could not be started; \
-                  148 a thread made a system call its seccomp filter forbids (one line on \
-                  standard error names it; see docs/seccomp.md)."
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -38,8 +41,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM and run it until the guest resets or powers off.
+    #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
     /// Start a VM from a snapshot directory and run it until the guest resets.
+    #[command(after_help = EXIT_CODES)]
     Restore(RestoreArgs),
     /// Write a snapshot (a diff with its chain of parents, or a full one) as a full snapshot.
     SnapshotMerge(MergeArgs),
