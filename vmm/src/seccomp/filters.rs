@@ -291,12 +291,15 @@ fn main(t: &mut Table) {
         // The exit notifier's eventfd.
         sys!(SYS_read),
         // Flushing the disks at exit: a qcow2 image writes its cached metadata
-        // (refcounts, L2 tables), then syncs.
+        // (refcounts, L2 tables; the file may grow), then syncs. Refusing any of these
+        // would lose the guest's last writes.
         sys!(SYS_pread64),
         sys!(SYS_pwrite64),
         sys!(SYS_preadv),
         sys!(SYS_pwritev),
         sys!(SYS_lseek),
+        sys!(SYS_ftruncate),
+        sys!(SYS_fallocate),
         sys!(SYS_fsync),
         sys!(SYS_fdatasync),
         // Removing the sockets it created; checking they are still its own first.
@@ -360,8 +363,9 @@ fn event_loop(t: &mut Table) {
 
 /// A vCPU thread: runs the guest; its port and MMIO exits run device code (serial output,
 /// eventfd writes for queue notifications and interrupts); saves its state for snapshots.
+///
 /// Beyond the common calls (channel waits are `futex`; serial output and eventfd writes
-/// are `write`), only KVM requests on its own vCPU.
+/// are `write`), only KVM requests (`ioctl` on its own vCPU).
 fn vcpu(t: &mut Table) {
     t.allow_ioctls(&[
         KVM_RUN(),
