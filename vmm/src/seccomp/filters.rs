@@ -9,8 +9,10 @@
 //!
 //! `ioctl` is allowed only for the request numbers a kind needs; `mmap`/`mprotect` never
 //! with `PROT_EXEC`; `socket` only for `AF_UNIX`; `tgkill` only for signals to this
-//! process. Nothing allows `clone`/`clone3`, `execve`, `ptrace`, `mount` or opening
-//! `/dev/kvm`: no filtered thread can start a thread or a program.
+//! process. Nothing allows `clone`/`clone3`, `execve`, `ptrace`, `prctl` or `mount`, nor
+//! any KVM request that creates objects or changes memory slots: no filtered thread can
+//! start a thread or a program. Only the control kind opens files by path (snapshots
+//! and disk overlays go wherever the caller asks).
 
 use std::collections::BTreeMap;
 use std::os::raw::c_uint;
