@@ -124,6 +124,8 @@ const NAMES: &[(&str, i64)] = &[
     ("statx", sys!(SYS_statx)),
     ("fstat", sys!(SYS_fstat)),
     ("fstatfs", sys!(SYS_fstatfs)),
+    ("timerfd_settime", sys!(SYS_timerfd_settime)),
+    ("setsockopt", sys!(SYS_setsockopt)),
     ("link", sys!(SYS_link)),
     ("linkat", sys!(SYS_linkat)),
     ("chmod", sys!(SYS_chmod)),
@@ -202,7 +204,18 @@ impl Table {
     }
 }
 
+/// Whether a thread doing the work of `kinds` opens files by path.
+pub fn opens_files(kinds: &[ThreadKind]) -> bool {
+    kinds.contains(&ThreadKind::Control)
+}
+
 /// The union of the allowlists of `kinds`.
+///
+/// A thread that opens no files still gets `openat` here: glibc opens files behind the
+/// program's back (malloc reads `/proc/sys/vm/overcommit_memory` the first time any
+/// thread's heap shrinks, and `/sys/devices/system/cpu/online` when it sizes its arenas),
+/// and copes when that fails. So such threads also get [`refuse_open_rules`] in a second
+/// filter, which makes every `openat` fail with `EACCES` instead of killing the VMM.
 pub fn rules(kinds: &[ThreadKind]) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
     let mut table = Table::default();
     common(&mut table);
@@ -214,7 +227,16 @@ pub fn rules(kinds: &[ThreadKind]) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Ba
             ThreadKind::Control => control(&mut table),
         }
     }
+    if !opens_files(kinds) {
+        table.allow(&[sys!(SYS_openat)]);
+    }
     table.into_rules()
+}
+
+/// The companion filter of threads that open no files: `openat` matches (and fails with
+/// `EACCES`), everything else is left to the allowlist.
+pub fn refuse_open_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
+    BTreeMap::from([(sys!(SYS_openat), Vec::new())])
 }
 
 /// `tgkill(this process, any thread, signal)`.
@@ -259,6 +281,8 @@ fn common(t: &mut Table) {
         sys!(SYS_getpid),
         // Hash map seeds: the standard library draws them once per thread.
         sys!(SYS_getrandom),
+        // glibc's malloc sizes its arenas by the CPUs this thread may run on.
+        sys!(SYS_sched_getaffinity),
     ]);
     // Anonymous and file mappings, never executable.
     for call in [sys!(SYS_mmap), sys!(SYS_mprotect)] {
@@ -351,6 +375,9 @@ fn event_loop(t: &mut Table) {
         sys!(SYS_sendmsg),
         sys!(SYS_shutdown),
     ]);
+    // vsock's periodic deadline timer (connections waiting for a handshake), armed and
+    // disarmed as connections come and go.
+    t.allow(&[sys!(SYS_timerfd_settime)]);
     // Only Unix sockets (guest-initiated vsock connections).
     t.allow_if(
         sys!(SYS_socket),
@@ -474,8 +501,11 @@ mod tests {
     fn a_union_allows_what_either_kind_allows() {
         let vcpu = rules(&[ThreadKind::Vcpu]).unwrap();
         let both = rules(&[ThreadKind::Vcpu, ThreadKind::Control]).unwrap();
-        assert!(!vcpu.contains_key(&sys!(SYS_openat)));
-        assert!(both.contains_key(&sys!(SYS_openat)));
+        assert!(!vcpu.contains_key(&sys!(SYS_flock)));
+        assert!(both.contains_key(&sys!(SYS_flock)));
+        // Opening is refused (EACCES) for a vCPU thread, allowed with the control kind.
+        assert!(!opens_files(&[ThreadKind::Vcpu]));
+        assert!(opens_files(&[ThreadKind::Vcpu, ThreadKind::Control]));
         // ioctl keeps its argument checks: vCPU requests plus the control ones.
         let ioctls = |r: &BTreeMap<i64, Vec<SeccompRule>>| r[&sys!(SYS_ioctl)].len();
         assert_eq!(ioctls(&vcpu), 11);

@@ -118,16 +118,29 @@ pub fn apply_combined(kinds: &[ThreadKind]) -> Result<(), SeccompError> {
         return Ok(());
     }
     let program = compile(kinds)?;
+    let refuse_open = if filters::opens_files(kinds) {
+        None
+    } else {
+        Some(compile_open_refusal()?)
+    };
     install_sigsys_handler()?;
     let armed = test_hook::armed_for(kinds);
-    // Attach this thread to a malloc arena now: glibc's first allocation in a thread may
-    // read /sys/devices/system/cpu/online, which no filter allows.
+    // Attach this thread to a malloc arena now, while it may still probe the CPU count.
     std::hint::black_box(Vec::<u8>::with_capacity(64));
     THREAD_KIND.with(|k| k.set(first.name()));
-    seccompiler::apply_filter(&program).map_err(|source| SeccompError::Install {
-        kind: first,
-        source,
-    })?;
+    let install = |program: &BpfProgram| {
+        seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
+            kind: first,
+            source,
+        })
+    };
+    // The refusal first: once the allowlist is on, seccomp(2) itself is forbidden. When
+    // several filters match, the kernel takes the strictest answer: EACCES from the
+    // refusal beats the allowlist's allow.
+    if let Some(refusal) = &refuse_open {
+        install(refusal)?;
+    }
+    install(&program)?;
     if armed {
         test_hook::forbidden_call();
     }
@@ -147,6 +160,25 @@ pub fn compile(kinds: &[ThreadKind]) -> Result<BpfProgram, SeccompError> {
         .map_err(|e: seccompiler::BackendError| build(e))?;
     let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, arch)
         .map_err(build)?;
+    filter.try_into().map_err(build)
+}
+
+/// The companion filter of threads that open no files: `openat` fails with `EACCES`.
+fn compile_open_refusal() -> Result<BpfProgram, SeccompError> {
+    let build = |source| SeccompError::Build {
+        kind: ThreadKind::Vcpu,
+        source,
+    };
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| build(e))?;
+    let filter = SeccompFilter::new(
+        filters::refuse_open_rules(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        arch,
+    )
+    .map_err(build)?;
     filter.try_into().map_err(build)
 }
 
@@ -350,6 +382,26 @@ mod tests {
         assert!(!compile(&[ThreadKind::EventLoop, ThreadKind::Control])
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn threads_that_open_no_files_get_eacces_instead_of_a_kill() {
+        let opened = std::thread::spawn(|| {
+            apply(ThreadKind::Vcpu).unwrap();
+            std::fs::File::open("/proc/self/status").map(drop)
+        })
+        .join()
+        .unwrap();
+        let e = opened.unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+        // The control kind opens files.
+        let opened = std::thread::spawn(|| {
+            apply(ThreadKind::Control).unwrap();
+            std::fs::File::open("/proc/self/status").map(drop)
+        })
+        .join()
+        .unwrap();
+        assert!(opened.is_ok(), "{opened:?}");
     }
 
     #[test]
