@@ -107,9 +107,10 @@ pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
     apply_combined(&[kind])
 }
 
-/// Installs one filter allowing what any of `kinds` may call, for a thread that does the
-/// work of several kinds (the event loop while it also serves the control socket). A
-/// filter cannot be widened once installed, so the union has to be built up front.
+/// Installs one allowlist of what any of `kinds` may call, for a thread that does the work
+/// of several kinds (the event loop while it also serves the control socket); a filter
+/// cannot be widened once installed, so the union is built up front. A thread that opens
+/// no files also gets the open refusal (see `filters::rules`).
 pub fn apply_combined(kinds: &[ThreadKind]) -> Result<(), SeccompError> {
     let Some(&first) = kinds.first() else {
         return Ok(());
