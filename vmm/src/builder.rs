@@ -20,6 +20,7 @@ use crate::devices::virtio::block::BlockConfig;
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::exit::ExitNotifier;
 use crate::runtime::{Vmm, VmmError, VmmShared};
+use crate::seccomp::ThreadKind;
 use crate::snapshot::cpu::{CpuCompatError, CpuInfo};
 use crate::snapshot::{self, SnapshotError, SnapshotState};
 use crate::vstate::cpuid::{self, CpuTemplate, CpuidError};
@@ -231,21 +232,16 @@ fn launch(parts: Launch, control: Option<&Path>, paused: bool) -> Result<Vmm, Bu
         }
         None => None,
     };
-    // The vCPU threads (parked until the first resume) are handed over before the event loop
-    // serves the control socket: a request that arrives at once must see every vCPU (a
-    // snapshot taken earlier would save none).
+    // The vCPU threads (parked until the first resume) are handed over before the control
+    // socket is served: a request that arrives at once must see every vCPU (a snapshot
+    // taken earlier would save none).
     let handles = vcpus
         .into_iter()
         .map(Vcpu::start)
         .collect::<Result<Vec<VcpuHandle>, _>>()?;
     shared.set_vcpus(handles);
-    let event_loop = EventLoop::start("event-loop", subscribers)?;
-    // Its own thread: a request may take long (a live snapshot copies all of guest memory
-    // while the guest runs) and must not hold up device I/O meanwhile.
-    let control_loop = control_server
-        .map(|server| EventLoop::start("control", vec![server]))
-        .transpose()?;
-    let vmm = Vmm::new(shared, event_loop, control_loop);
+    let event_loop = EventLoop::start("event-loop", subscribers, &[ThreadKind::EventLoop])?;
+    let mut vmm = Vmm::new(shared, event_loop);
     if !paused {
         vmm.resume().map_err(BuildError::Start)?;
         // Stable format: the restore benchmark parses this line.
@@ -253,6 +249,17 @@ fn launch(parts: Launch, control: Option<&Path>, paused: bool) -> Result<Vmm, Bu
             "vCPUs running: {:.3} ms after VMM start",
             start.elapsed().as_secs_f64() * 1000.0
         );
+    }
+    // Requests are served only now, so none races the first resume (clients that connected
+    // earlier wait in the socket's backlog). Its own thread: a request may take long (a live
+    // snapshot copies all of guest memory while the guest runs) and must not hold up device
+    // I/O meanwhile.
+    if let Some(server) = control_server {
+        vmm.serve_control(EventLoop::start(
+            "control",
+            vec![server],
+            &[ThreadKind::Control],
+        )?);
     }
     // The first snapshot's disk branch then only renames (after the VM is running, so
     // start and restore latency do not pay for it).

@@ -15,6 +15,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device_manager::Subscriber;
+use crate::seccomp::{self, ThreadKind};
 
 /// Errors starting the event loop.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,8 @@ pub enum EventLoopError {
     Spawn(#[source] std::io::Error),
     #[error("the event-loop thread ended during start-up")]
     Died,
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Ends the loop when its eventfd is written.
@@ -57,8 +60,13 @@ pub struct EventLoop {
 
 impl EventLoop {
     /// Starts the thread `name` with `subscribers` registered (their `init` runs on that
-    /// thread).
-    pub fn start(name: &str, subscribers: Vec<Subscriber>) -> Result<Self, EventLoopError> {
+    /// thread), then installs the seccomp filter allowing what `filter`'s thread kinds may
+    /// call before the loop runs.
+    pub fn start(
+        name: &str,
+        subscribers: Vec<Subscriber>,
+        filter: &'static [ThreadKind],
+    ) -> Result<Self, EventLoopError> {
         let stop_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(EventLoopError::EventFd)?);
         let stop = Arc::new(AtomicBool::new(false));
         let stopper: Subscriber = Arc::new(Mutex::new(Stopper {
@@ -79,6 +87,10 @@ impl EventLoop {
                 manager.add_subscriber(stopper);
                 for s in subscribers {
                     manager.add_subscriber(s);
+                }
+                if let Err(e) = seccomp::apply_combined(filter) {
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
                 }
                 let _ = ready_tx.send(Ok(()));
                 while !stop.load(Ordering::SeqCst) {

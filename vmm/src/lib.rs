@@ -15,6 +15,7 @@ pub mod disk;
 pub mod event_loop;
 pub mod exit;
 pub mod runtime;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vstate;
 

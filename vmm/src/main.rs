@@ -1,7 +1,8 @@
 //! `grove-vmm` command line: `run` a VM from flags or a JSON config until the guest resets.
 //!
 //! Exit codes: 0 the guest reset or powered off; 1 the VM failed while running; 2 the VM
-//! could not be started (bad input, missing kernel, no KVM, ...), with a one-line error.
+//! could not be started (bad input, missing kernel, no KVM, ...), with a one-line error;
+//! 148 a thread made a system call its seccomp filter forbids (docs/seccomp.md).
 
 use std::fs::OpenOptions;
 use std::io::{IsTerminal, Write};
@@ -19,8 +20,19 @@ use vmm_sys_util::terminal::Terminal;
 
 mod disk_cmd;
 
+/// The exit codes of `run` and `restore`, for `--help`.
+const EXIT_CODES: &str = "Exit codes of run and restore: 0 the guest reset or powered off (or \
+                          the VM was stopped); 1 the VM failed while running; 2 the VM could \
+                          not be started; 148 a thread made a system call its seccomp filter \
+                          forbids (one line on standard error names it; see docs/seccomp.md).";
+
 #[derive(Parser)]
-#[command(name = "grove-vmm", version, about = "Grove's KVM micro-VM monitor")]
+#[command(
+    name = "grove-vmm",
+    version,
+    about = "Grove's KVM micro-VM monitor",
+    after_help = EXIT_CODES
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,8 +41,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM and run it until the guest resets or powers off.
+    #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
     /// Start a VM from a snapshot directory and run it until the guest resets.
+    #[command(after_help = EXIT_CODES)]
     Restore(RestoreArgs),
     /// Write a snapshot (a diff with its chain of parents, or a full one) as a full snapshot.
     SnapshotMerge(MergeArgs),
@@ -66,6 +80,15 @@ fn snapshot_merge(args: MergeArgs) -> ExitCode {
     }
 }
 
+/// Options of every subcommand that runs a VM.
+#[derive(Args)]
+struct SecurityArgs {
+    /// UNSAFE, for debugging only: run without the seccomp filters that limit each VMM
+    /// thread to the system calls it needs (docs/seccomp.md).
+    #[arg(long)]
+    no_seccomp: bool,
+}
+
 #[derive(Args)]
 struct RestoreArgs {
     /// Snapshot directory (written by the control socket's `snapshot` request).
@@ -99,6 +122,8 @@ struct RestoreArgs {
     /// running beside its source needs its own; see docs/vsock.md).
     #[arg(long, value_name = "PATH")]
     vsock_override: Option<PathBuf>,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 #[derive(Args)]
@@ -153,6 +178,8 @@ struct RunArgs {
     /// namespace.
     #[arg(long, value_name = "TAP[,MAC]")]
     net: Vec<String>,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 /// `CID,PATH`: the guest's context id and the host-side Unix socket.
@@ -305,6 +332,7 @@ fn init_logging() {
 }
 
 fn run(args: RunArgs, start: Instant) -> ExitCode {
+    args.security.apply();
     let options = StartOptions {
         control: args.control.clone(),
     };
@@ -318,6 +346,7 @@ fn run(args: RunArgs, start: Instant) -> ExitCode {
 }
 
 fn restore(args: RestoreArgs, start: Instant) -> ExitCode {
+    args.security.apply();
     run_vm(move || {
         let disk_overrides = args
             .disk_override
@@ -353,11 +382,25 @@ fn restore(args: RestoreArgs, start: Instant) -> ExitCode {
     })
 }
 
+impl SecurityArgs {
+    fn apply(&self) {
+        if self.no_seccomp {
+            log::warn!("--no-seccomp: running without seccomp filters (unsafe; debugging only)");
+            vmm::seccomp::disable();
+        }
+    }
+}
+
 /// Builds a VM with `build`, runs it to its end, and turns the outcome into the exit code:
 /// 2 for anything that failed before the VM ran, otherwise the VM's own exit code.
 fn run_vm(build: impl FnOnce() -> anyhow::Result<vmm::Vmm>) -> ExitCode {
     let raw = RawTerminal::enable();
-    let vmm = match build() {
+    // The other threads filtered themselves while the VM was built; this one is done
+    // setting up once it only has to wait and tear down.
+    let vmm = match build().and_then(|vmm| {
+        vmm::seccomp::apply(vmm::seccomp::ThreadKind::Main)?;
+        Ok(vmm)
+    }) {
         Ok(v) => v,
         Err(e) => {
             drop(raw);

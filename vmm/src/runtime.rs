@@ -537,6 +537,11 @@ impl VmmShared {
         let spawned = std::thread::Builder::new()
             .name("disk-spares".into())
             .spawn(move || {
+                // Creating overlays is what a snapshot's disk branch does.
+                if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Control) {
+                    log::warn!("cannot prepare the disks' next branch: {e}");
+                    return;
+                }
                 // Under the lifecycle lock, so no snapshot branches meanwhile.
                 let _op = lock(&me.lifecycle);
                 prepare_disk_spares(&me.devices);
@@ -685,16 +690,17 @@ pub struct Vmm {
 }
 
 impl Vmm {
-    pub(crate) fn new(
-        shared: Arc<VmmShared>,
-        event_loop: EventLoop,
-        control_loop: Option<EventLoop>,
-    ) -> Self {
+    pub(crate) fn new(shared: Arc<VmmShared>, event_loop: EventLoop) -> Self {
         Self {
             shared,
             event_loop,
-            control_loop,
+            control_loop: None,
         }
+    }
+
+    /// Hands over the thread serving the control socket (stopped at teardown).
+    pub(crate) fn serve_control(&mut self, control_loop: EventLoop) {
+        self.control_loop = Some(control_loop);
     }
 
     /// The state shared with the control socket.

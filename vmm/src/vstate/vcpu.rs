@@ -81,6 +81,12 @@ pub enum VcpuError {
     NotPaused { index: u8 },
     #[error(transparent)]
     State(#[from] VcpuStateError),
+    #[error("vCPU {index}")]
+    Seccomp {
+        index: u8,
+        #[source]
+        source: crate::seccomp::SeccompError,
+    },
 }
 
 /// Commands to a vCPU thread.
@@ -332,10 +338,30 @@ impl Vcpu {
         let index = self.index;
         let (event_tx, event_rx) = channel();
         let (reply_tx, reply_rx) = channel();
+        let (filtered_tx, filtered_rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(event_rx, reply_tx))
+            .spawn(move || {
+                // The filter goes on before the thread can be told to run the guest.
+                let filtered = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu);
+                let ok = filtered.is_ok();
+                let _ = filtered_tx.send(filtered);
+                if ok {
+                    self.run(event_rx, reply_tx);
+                }
+            })
             .map_err(|source| VcpuError::Spawn { index, source })?;
+        match filtered_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => {
+                let _ = thread.join();
+                return Err(VcpuError::Seccomp { index, source });
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(VcpuError::ThreadGone { index });
+            }
+        }
         Ok(VcpuHandle {
             index,
             events: event_tx,

@@ -232,6 +232,12 @@ impl Vsock {
         }
     }
 
+    /// Whether the periodic deadline timer runs (tests).
+    #[cfg(test)]
+    pub(crate) fn timer_armed(&self) -> bool {
+        self.timer_armed
+    }
+
     fn on_timer(&mut self) {
         // Readable: the periodic timer expired (only this handler disarms it, after reading).
         let _ = self.timer.wait();

@@ -996,3 +996,64 @@ fn connections_are_limited() {
     assert_eq!(g.expect(OP_RST).0.dst_port, 5000);
     assert_eq!(g.connections(), MAX_CONNECTIONS);
 }
+
+/// The device's host side under the event loop's seccomp filter, as in a running VMM: a
+/// guest connection with data both ways, a host connection through the handshake, the
+/// periodic deadline timer armed, read and disarmed, and the host closing. A call the
+/// filter lacks ends the whole test process with exit code 148 and a line naming it.
+#[test]
+fn the_event_loop_filter_allows_everything_the_device_does() {
+    let dir = TempDir::new("seccomp");
+    // Set-up (binding sockets) happens before the filter, as in the VMM.
+    let listener = port_listener(&dir, 1234);
+    let sock = dir.sock();
+    let filtered = std::thread::spawn(move || {
+        let mem = guest_mem();
+        let mut g = Guest::new(&mem, &sock);
+        crate::seccomp::apply(crate::seccomp::ThreadKind::EventLoop).unwrap();
+        g.post_rx(16);
+        // The device has written by the time `send`/`run` return, so the host side reads
+        // without blocking (setting a read timeout would be a call the filter refuses).
+        let read_now = |s: &mut UnixStream, n: usize| {
+            s.set_nonblocking(true).unwrap();
+            let mut buf = vec![0u8; n];
+            s.read_exact(&mut buf).unwrap();
+            buf
+        };
+
+        let mut host = g.connect(5000, 1234, &listener);
+        g.send(pkt(OP_RW, 5000, 1234), b"to host");
+        assert_eq!(read_now(&mut host, 7), b"to host");
+        host.write_all(b"to guest").unwrap();
+        g.run();
+        assert_eq!(g.expect(OP_RW).1, b"to guest");
+
+        // A pending host connection arms the deadline timer.
+        let (mut client, req) = host_connect(&mut g, &sock, 52);
+        g.send(pkt(OP_RESPONSE, 52, req.src_port), &[]);
+        let ok = format!("OK {}\n", req.src_port);
+        assert_eq!(read_now(&mut client, ok.len()), ok.as_bytes());
+        // No deadline is left: the next tick reads the timer and disarms it.
+        let tick = Instant::now();
+        while tick.elapsed() < Duration::from_secs(2) {
+            g.em.run_with_timeout(50).unwrap();
+            if !g.dev.lock().unwrap().timer_armed() {
+                break;
+            }
+        }
+        assert!(
+            !g.dev.lock().unwrap().timer_armed(),
+            "the timer never ticked"
+        );
+
+        drop(client);
+        drop(host);
+        g.run();
+        let ops: Vec<u16> = g.recv_all().iter().map(|(h, _)| h.op).collect();
+        assert!(ops.contains(&OP_SHUTDOWN), "{ops:?}");
+        // The VMM's main thread drops the device (removing its socket), not the loop.
+        g.dev.clone()
+    });
+    let device = filtered.join().unwrap();
+    drop(device);
+}
