@@ -18,6 +18,7 @@ use vmm::{ConsoleIo, DiskConfig, VmConfig, VsockConfig};
 use vmm_sys_util::terminal::Terminal;
 
 mod disk_cmd;
+mod jail_args;
 
 #[derive(Parser)]
 #[command(name = "grove-vmm", version, about = "Grove's KVM micro-VM monitor")]
@@ -99,6 +100,8 @@ struct RestoreArgs {
     /// running beside its source needs its own; see docs/vsock.md).
     #[arg(long, value_name = "PATH")]
     vsock_override: Option<PathBuf>,
+    #[command(flatten)]
+    jail: jail_args::JailArgs,
 }
 
 #[derive(Args)]
@@ -153,6 +156,8 @@ struct RunArgs {
     /// namespace.
     #[arg(long, value_name = "TAP[,MAC]")]
     net: Vec<String>,
+    #[command(flatten)]
+    jail: jail_args::JailArgs,
 }
 
 /// `CID,PATH`: the guest's context id and the host-side Unix socket.
@@ -398,6 +403,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The jail goes up before anything reads a config, a snapshot or a guest.
+    let jail = match &cli.command {
+        Command::Run(args) => jail_args::enter(&args.jail),
+        Command::Restore(args) => jail_args::enter(&args.jail),
+        _ => Ok(()),
+    };
+    if let Err(code) = jail {
+        return code;
+    }
     match cli.command {
         Command::Run(args) => run(args, start),
         Command::Restore(args) => restore(args, start),
