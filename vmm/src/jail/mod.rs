@@ -24,7 +24,7 @@ pub mod creds;
 pub mod mounts;
 pub mod process;
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 /// What a jail holds and how it is limited. Built from `grove-vmm --jail ...` flags.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -62,11 +62,11 @@ pub enum JailError {
     RootIds,
     #[error("jail path {0} must be absolute")]
     NotAbsolute(String),
-    #[error("jail path {path} is reached through a symbolic link (use {real})")]
-    NotCanonical { path: String, real: String },
+    #[error("jail path {0} must not contain '.' or '..' components")]
+    DotComponent(String),
     #[error("jail path {0} does not exist")]
     Missing(String),
-    #[error("jail directory {0} must be an existing directory other than /")]
+    #[error("jail directory {0} must be an existing directory other than /, named without symbolic links")]
     BadRoot(String),
     #[error("jail path {path} lies inside the jail directory {root}")]
     InsideRoot { path: String, root: String },
@@ -106,12 +106,11 @@ impl JailConfig {
             return Err(JailError::RootIds);
         }
         let root = canonical(&self.root)?;
-        if !root.is_dir() || root == Path::new("/") {
+        if !root.is_dir() || root == Path::new("/") || root != self.root {
             return Err(JailError::BadRoot(self.root.display().to_string()));
         }
         for path in self.read_only.iter().chain(&self.read_write) {
-            let real = canonical(path)?;
-            if real.starts_with(&root) || root.starts_with(&real) {
+            if canonical(path)?.starts_with(&root) {
                 return Err(JailError::InsideRoot {
                     path: path.display().to_string(),
                     root: root.display().to_string(),
@@ -128,22 +127,20 @@ impl JailConfig {
     }
 }
 
-/// `path` itself, after checking it is absolute, exists and has no symbolic link on the
-/// way (the VM opens it by the same name inside the jail, where only that name exists).
+/// Where `path` really is, after checking it is absolute, plain (it is bound inside the
+/// jail under this very name, which the VM uses) and exists.
 fn canonical(path: &Path) -> Result<PathBuf, JailError> {
     if !path.is_absolute() {
         return Err(JailError::NotAbsolute(path.display().to_string()));
     }
-    let real = path
-        .canonicalize()
-        .map_err(|_| JailError::Missing(path.display().to_string()))?;
-    if real != path {
-        return Err(JailError::NotCanonical {
-            path: path.display().to_string(),
-            real: real.display().to_string(),
-        });
+    let plain = path
+        .components()
+        .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !plain {
+        return Err(JailError::DotComponent(path.display().to_string()));
     }
-    Ok(real)
+    path.canonicalize()
+        .map_err(|_| JailError::Missing(path.display().to_string()))
 }
 
 /// Confines this process as `config` says. Returns only in the jailed VMM process; the
