@@ -39,6 +39,8 @@ pub struct VmSpec {
     /// The network namespace to run in, with a virtio-net device on its `tap0` (the guest's
     /// fixed MAC); `None` for a VM without network.
     pub netns: Option<String>,
+    /// Kernel command line replacing the VMM's default base; `None` for the default.
+    pub cmdline: Option<String>,
 }
 
 /// A VMM that answers on its control socket.

@@ -457,6 +457,7 @@ impl<B: Backend> Orchestrator<B> {
                     vcpus,
                     memory_mib,
                     netns,
+                    cmdline: None,
                 })
                 .await
         }

@@ -293,6 +293,7 @@ impl Backend for Supervisor {
         config.initrd = spec.initrd.clone();
         config.vcpus = spec.vcpus;
         config.memory_mib = spec.memory_mib;
+        config.cmdline = spec.cmdline.clone();
         config.serial = Some(spec.dir.join(CONSOLE));
         config.rootfs = Some(DiskConfig {
             format: DiskFormat::Qcow2,
