@@ -522,3 +522,58 @@ fn a_failing_jail_step_starts_nothing() {
         assert!(!jail.control().exists(), "a VM started: {stderr}");
     }
 }
+
+/// Runs `ip ARGS`, failing the test with its error.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("this test needs iproute2's ip");
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
+}
+
+/// Removes the named network namespace when the test ends.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_jailed_vmm_joins_its_network_namespace_and_attaches_the_tap() {
+    let jail = Jail::new("net");
+    let ns = Netns(format!("grove-jail-test-{}", std::process::id()));
+    ip(&["netns", "add", &ns.0]);
+    // As the daemon makes it: persistent, without an owner, so the unprivileged VMM may
+    // attach to it.
+    ip(&[
+        "-n", &ns.0, "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr",
+    ]);
+    let netns = format!("/run/netns/{}", ns.0);
+    let guest = guest();
+    let mut child = Started(
+        Command::new(env!("CARGO_BIN_EXE_grove-vmm"))
+            .args(["run", "--kernel", guest.to_str().unwrap()])
+            .args(["--memory", "32", "--no-rng", "--cmdline", "test=counter"])
+            .args(["--net", "tap0"])
+            .arg("--control")
+            .arg(jail.control())
+            .args(jail.flags(&[&guest], None))
+            .args(["--jail-netns", &netns])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut client = connect(&mut child, &jail.control());
+    let pid = jailed_vmm(child.0.id());
+    let joined = std::fs::metadata(format!("/proc/{pid}/ns/net")).unwrap();
+    let wanted = std::fs::metadata(&netns).unwrap();
+    assert_eq!((joined.dev(), joined.ino()), (wanted.dev(), wanted.ino()));
+    let tun = std::fs::metadata(format!("/proc/{pid}/root/dev/net/tun")).unwrap();
+    assert_eq!(tun.mode() & 0o777, 0o666);
+    stop(child, &mut client);
+}
