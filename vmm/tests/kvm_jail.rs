@@ -4,6 +4,7 @@
 //! KVM (the test guest).
 
 use std::collections::BTreeSet;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -287,7 +288,16 @@ fn stop(mut child: Started, client: &mut ControlClient) {
 #[test]
 fn a_running_jailed_vmm_passes_the_proc_inspection() {
     let jail = Jail::new("proc");
+    // A descriptor the starter leaks (no close-on-exec) must not reach the VMM.
+    let leak_path = jail.tmp.join("leaked");
+    let leak = std::fs::File::create(&leak_path).unwrap();
+    // SAFETY: fcntl on a descriptor `leak` owns, with integer arguments only.
+    assert_eq!(
+        unsafe { libc::fcntl(leak.as_raw_fd(), libc::F_SETFD, 0) },
+        0
+    );
     let mut child = jail.run(Some(1 << 30));
+    drop(leak);
     let mut client = connect(&mut child, &jail.control());
     let pid = jailed_vmm(child.0.id());
     let uid = jail.uid.to_string();
@@ -302,6 +312,28 @@ fn a_running_jailed_vmm_passes_the_proc_inspection() {
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     // PID 2 of its own PID namespace (the init is 1).
     assert_eq!(status_field(pid, "NSpid").split(' ').nth(1), Some("2"));
+
+    // No inherited descriptor, no environment.
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        assert!(
+            !target.ends_with("leaked"),
+            "fd {:?} leaked in",
+            fd.file_name()
+        );
+    }
+    assert!(
+        std::env::vars().count() > 0,
+        "the test itself has an environment"
+    );
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        environ.iter().all(|b| *b == 0),
+        "environment left in memory"
+    );
 
     // ns: its own mount, PID and network namespaces.
     for kind in ["mnt", "pid", "net"] {

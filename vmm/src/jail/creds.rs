@@ -106,17 +106,49 @@ fn check_dropped(uid: u32, gid: u32) -> Result<(), JailError> {
 }
 
 /// Closes every descriptor above standard error (what the starter left open, by design
-/// or by mistake) and clears the environment.
-pub fn close_fds_and_clear_env() -> Result<(), JailError> {
+/// or by mistake).
+pub fn close_fds() -> Result<(), JailError> {
     // SAFETY: close_range takes integers; the descriptors it closes are owned by nothing
     // that is used afterwards (the caller holds no File or OwnedFd above 2).
     if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
         return Err(JailError::last_os("cannot close inherited descriptors"));
     }
-    // SAFETY: the process has one thread here, so nothing reads the environment while it
-    // is cleared.
-    if unsafe { libc::clearenv() } != 0 {
-        return Err(JailError::last_os("cannot clear the environment"));
+    Ok(())
+}
+
+/// Clears the environment, and its text too: `clearenv` only forgets the strings, which
+/// stay in memory (and in `/proc/<pid>/environ`) when no exec follows. Each string is
+/// overwritten with zeros first; then, where the kernel allows it (root, and
+/// CONFIG_CHECKPOINT_RESTORE), the process's environment range is made empty. Must run
+/// while `/proc` is still the host's and before privileges are dropped.
+pub fn scrub_environment() -> Result<(), JailError> {
+    // SAFETY: the process has one thread, so nothing reads or changes the environment
+    // meanwhile; each entry of `environ` up to the terminating null is a NUL-terminated
+    // string in writable memory (the initial stack, or the heap for setenv's), which is
+    // overwritten within its own length.
+    unsafe {
+        let mut entry = libc::environ;
+        while !entry.is_null() && !(*entry).is_null() {
+            let text = *entry;
+            std::ptr::write_bytes(text, 0, libc::strlen(text));
+            entry = entry.add(1);
+        }
+        if libc::clearenv() != 0 {
+            return Err(JailError::last_os("cannot clear the environment"));
+        }
+    }
+    // Field 51 of /proc/self/stat: the end of the environment range.
+    let stat = std::fs::read_to_string("/proc/self/stat")
+        .map_err(JailError::io("cannot read /proc/self/stat"))?;
+    let env_end = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 2..].split(' ').nth(48))
+        .and_then(|v| v.parse::<libc::c_ulong>().ok());
+    if let Some(end) = env_end {
+        // SAFETY: prctl with integer arguments; it only moves the start of the range the
+        // kernel reports, onto its end. Failure leaves the zeroed text visible, which is
+        // harmless, so it is not an error.
+        unsafe { libc::prctl(libc::PR_SET_MM, libc::PR_SET_MM_ENV_START, end, 0, 0) };
     }
     Ok(())
 }

@@ -10,9 +10,9 @@
 //! 3. the init: a new mount namespace (and a new, empty network namespace unless one is
 //!    joined), a tmpfs root holding only bind mounts of the files the VM needs at their
 //!    host paths and a few device nodes, `pivot_root` into it ([`mounts`]);
-//! 4. rlimits, unprivileged uid/gid without supplementary groups, every capability
-//!    dropped, `no_new_privs`, every inherited descriptor above 2 closed, the environment
-//!    cleared ([`creds`]);
+//! 4. the environment scrubbed, rlimits, unprivileged uid/gid without supplementary
+//!    groups, every capability dropped, `no_new_privs`, every inherited descriptor above 2
+//!    closed ([`creds`]);
 //! 5. the init forks the VMM (PID 2: the kernel ignores default-action signals such as
 //!    `SIGXFSZ` sent to a namespace's init, which must not shield the VMM), and stays to
 //!    reap and to pass signals and the exit status back ([`process`]).

@@ -165,6 +165,7 @@ pub fn spawn_namespaced(config: &JailConfig) -> Result<Role, JailError> {
 fn init_process(config: &JailConfig, alive: OwnedFd) -> Result<(), JailError> {
     // SAFETY: umask takes and returns a mode.
     unsafe { libc::umask(0o022) };
+    creds::scrub_environment()?;
     match &config.netns {
         Some(path) => {
             let ns = std::fs::File::open(path)
@@ -200,7 +201,7 @@ fn init_process(config: &JailConfig, alive: OwnedFd) -> Result<(), JailError> {
         std::process::exit(1);
     }
     drop(alive);
-    creds::close_fds_and_clear_env()?;
+    creds::close_fds()?;
     let vmm = fork()?;
     if vmm == 0 {
         return Ok(());
