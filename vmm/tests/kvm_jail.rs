@@ -292,10 +292,8 @@ fn a_running_jailed_vmm_passes_the_proc_inspection() {
     let leak_path = jail.tmp.join("leaked");
     let leak = std::fs::File::create(&leak_path).unwrap();
     // SAFETY: fcntl on a descriptor `leak` owns, with integer arguments only.
-    assert_eq!(
-        unsafe { libc::fcntl(leak.as_raw_fd(), libc::F_SETFD, 0) },
-        0
-    );
+    let inheritable = unsafe { libc::fcntl(leak.as_raw_fd(), libc::F_SETFD, 0) };
+    assert_eq!(inheritable, 0);
     let mut child = jail.run(Some(1 << 30));
     drop(leak);
     let mut client = connect(&mut child, &jail.control());
