@@ -50,6 +50,26 @@ struct Jail {
     name: String,
 }
 
+impl Drop for Jail {
+    /// Removes the cgroup leaf a failed test's killed VMM left (retrying while its jail's
+    /// processes die of the parent-death signal).
+    fn drop(&mut self) {
+        let leaf = vmm::jail::cgroup::CgroupConfig {
+            parent: "grove-test".into(),
+            id: self.name.clone(),
+            memory_bytes: None,
+            cpus: None,
+            pids: PIDS,
+        };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while vmm::jail::cgroup::Cgroup::remove_leftover(&leaf).is_err()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Jail {
     fn new(name: &str) -> Self {
         require_root_and_kvm();
