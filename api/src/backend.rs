@@ -10,6 +10,23 @@ use vmm::disk::DiskFormat;
 use crate::model::{HookResult, SnapshotMode};
 use crate::network::EnvNetwork;
 
+/// A snapshot to restore into a new environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreSpec {
+    /// The new environment's directory.
+    pub dir: PathBuf,
+    pub snapshot: PathBuf,
+    /// Where the clone's disk overlay is created, on the snapshot's frozen layer.
+    pub overlay: PathBuf,
+    /// The disk layers the overlay sits on, the frozen layer first and the image's
+    /// rootfs last, from the daemon's own records (what the jail lets the VM read).
+    pub layers: Vec<PathBuf>,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    /// The network namespace to run in (a saved network device reopens its TAP there).
+    pub netns: Option<String>,
+}
+
 /// A VM to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
@@ -22,6 +39,8 @@ pub struct VmSpec {
     /// The network namespace to run in, with a virtio-net device on its `tap0` (the guest's
     /// fixed MAC); `None` for a VM without network.
     pub netns: Option<String>,
+    /// Kernel command line replacing the VMM's default base; `None` for the default.
+    pub cmdline: Option<String>,
 }
 
 /// A VMM that answers on its control socket.
@@ -111,15 +130,9 @@ pub trait Backend: Send + Sync + 'static {
     fn create_overlay(&self, path: &Path, backing: &Path, format: DiskFormat) -> BResult<()>;
     /// Boots a VM on `spec.dir/disk.qcow2`; resolves once its control socket answers.
     fn boot(&self, spec: &VmSpec) -> impl Future<Output = BResult<Running>> + Send;
-    /// Restores `snapshot` in `dir` with its disk on a new overlay at `overlay`, in the
-    /// network namespace `netns` if given (a saved network device reopens its TAP there).
-    fn restore(
-        &self,
-        dir: &Path,
-        snapshot: &Path,
-        overlay: &Path,
-        netns: Option<&str>,
-    ) -> impl Future<Output = BResult<Running>> + Send;
+    /// Restores `spec.snapshot` in `spec.dir` with its disk on a new overlay at
+    /// `spec.overlay`, in the network namespace `spec.netns` if given.
+    fn restore(&self, spec: &RestoreSpec) -> impl Future<Output = BResult<Running>> + Send;
     /// Snapshots the VM in `dir` into the directory `into` (memory and disk together),
     /// copying memory in `mode`; the VM keeps running. On failure nothing is left at `into`.
     fn snapshot(

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod client;
 pub mod error;
 pub mod http;
+pub mod jail;
 pub mod model;
 pub mod names;
 pub mod network;

@@ -26,7 +26,8 @@ use tokio::sync::broadcast;
 use vmm::disk::DiskFormat;
 
 use crate::backend::{
-    AgentError, Backend, CloneSteps, GuestCommand, GuestIdentity, Prepare, VmSpec, MAX_EXEC_OUTPUT,
+    AgentError, Backend, CloneSteps, GuestCommand, GuestIdentity, Prepare, RestoreSpec, VmSpec,
+    MAX_EXEC_OUTPUT,
 };
 use crate::error::ApiError;
 use crate::model::{
@@ -456,6 +457,7 @@ impl<B: Backend> Orchestrator<B> {
                     vcpus,
                     memory_mib,
                     netns,
+                    cmdline: None,
                 })
                 .await
         }
@@ -635,6 +637,19 @@ impl<B: Backend> Orchestrator<B> {
         Ok((row, snapshot_ms, frozen.mode))
     }
 
+    /// `top` and the layers below it, down to the image's rootfs, from the layer records.
+    fn layer_chain(&self, top: &Path) -> Result<Vec<PathBuf>> {
+        let layers = self.store.layers()?;
+        let mut chain = vec![top.to_path_buf()];
+        while let Some(row) = layers.iter().find(|l| Some(&l.path) == chain.last()) {
+            if chain.contains(&row.backing) || chain.len() > layers.len() {
+                break;
+            }
+            chain.push(row.backing.clone());
+        }
+        Ok(chain)
+    }
+
     /// Restores `snap` into the reserved `row` on a new overlay.
     async fn restore_into(&self, row: &mut EnvRow, snap: &SnapshotRow) -> Result<f64> {
         let frozen = snap.frozen_layer.clone().ok_or_else(|| {
@@ -642,9 +657,18 @@ impl<B: Backend> Orchestrator<B> {
         })?;
         let overlay = row.dir.join(DISK);
         let netns = self.env_network(row.id)?.map(|n| n.netns);
+        let spec = RestoreSpec {
+            dir: row.dir.clone(),
+            snapshot: snap.dir.clone(),
+            overlay,
+            layers: self.layer_chain(&frozen)?,
+            vcpus: row.vcpus,
+            memory_mib: row.memory_mib,
+            netns,
+        };
         let running = self
             .backend
-            .restore(&row.dir, &snap.dir, &overlay, netns.as_deref())
+            .restore(&spec)
             .await
             .map_err(|e| ApiError::internal(format!("cannot restore {}: {e}", row.name)))?;
         row.state = EnvState::Running;

@@ -10,7 +10,8 @@ use tokio::sync::Notify;
 use vmm::disk::DiskFormat;
 
 use crate::backend::{
-    AgentError, BResult, Backend, Frozen, GuestCommand, GuestOutput, Prepare, Running, VmSpec,
+    AgentError, BResult, Backend, Frozen, GuestCommand, GuestOutput, Prepare, RestoreSpec, Running,
+    VmSpec,
 };
 use crate::model::{
     CreateEnvironment, CreateImage, EnvState, ExecRequest, HookResult, SnapshotMode,
@@ -90,19 +91,14 @@ impl Backend for FakeBackend {
         Ok(self.0.start())
     }
 
-    async fn restore(
-        &self,
-        dir: &Path,
-        snapshot: &Path,
-        overlay: &Path,
-        netns: Option<&str>,
-    ) -> BResult<Running> {
+    async fn restore(&self, spec: &RestoreSpec) -> BResult<Running> {
         self.0.log(format!(
-            "restore {} {} netns={netns:?}",
-            dir.display(),
-            snapshot.display()
+            "restore {} {} netns={:?}",
+            spec.dir.display(),
+            spec.snapshot.display(),
+            spec.netns
         ));
-        std::fs::write(overlay, b"clone").map_err(|e| e.to_string())?;
+        std::fs::write(&spec.overlay, b"clone").map_err(|e| e.to_string())?;
         Ok(self.0.start())
     }
 

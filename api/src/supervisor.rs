@@ -29,9 +29,10 @@ use agent::protocol::{
 };
 
 use crate::backend::{
-    AgentError, Backend, Frozen, GuestCommand, GuestOutput, Prepare, Running, VmSpec,
+    AgentError, Backend, Frozen, GuestCommand, GuestOutput, Prepare, RestoreSpec, Running, VmSpec,
     MAX_EXEC_OUTPUT,
 };
+use crate::jail::{JailSettings, VmFiles};
 use crate::model::{HookResult, SnapshotMode};
 use crate::network::{self, EnvNetwork};
 
@@ -45,6 +46,9 @@ pub const CONSOLE_IN: &str = "console.in";
 pub const VSOCK: &str = "vsock.sock";
 /// The guest's vsock CID: the same in every VM, each VM having its own socket.
 pub const GUEST_CID: u32 = 3;
+/// Where a jailed VMM writes a snapshot before the daemon moves it out of the jail's
+/// reach, to the directory the orchestrator chose.
+pub const SNAPSHOT_STAGING: &str = "snapshot.new";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs `grove-vmm` processes.
@@ -52,6 +56,8 @@ pub struct Supervisor {
     vmm_bin: PathBuf,
     /// Processes this daemon started, to reap.
     children: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<Child>>>>,
+    /// Jail every VMM (docs/jail.md); `None`: VMMs run as the daemon's user.
+    jail: Option<JailSettings>,
 }
 
 impl Supervisor {
@@ -59,7 +65,14 @@ impl Supervisor {
         Self {
             vmm_bin,
             children: Mutex::new(HashMap::new()),
+            jail: None,
         }
+    }
+
+    /// Runs every VMM jailed with `settings`.
+    pub fn with_jail(mut self, settings: JailSettings) -> Self {
+        self.jail = Some(settings);
+        self
     }
 
     /// `$GROVE_VMM_BIN`, else `grove-vmm` beside this executable, else from `PATH`.
@@ -78,16 +91,31 @@ impl Supervisor {
         PathBuf::from("grove-vmm")
     }
 
-    /// Starts `grove-vmm ARGS` for `dir`, in the network namespace `netns` if given.
+    /// Starts `grove-vmm ARGS` for `dir`, in the network namespace `netns` if given;
+    /// jailed with `files` when the daemon jails its VMMs.
     fn spawn(
         &self,
         dir: &Path,
         args: &[String],
         netns: Option<&str>,
+        files: VmFiles,
     ) -> Result<(u32, Arc<tokio::sync::Mutex<Child>>), String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut args = args.to_vec();
+        let mut netns = netns;
+        if let Some(jail) = &self.jail {
+            args.extend(jail.prepare(&VmFiles {
+                netns: netns.map(network::netns_path),
+                ..files
+            })?);
+            // The jail joins the namespace itself (--jail-netns).
+            netns = None;
+        }
+        // The directory belongs to the jailed VMM: never follow a link it may have left.
         let log = OpenOptions::new()
             .create(true)
             .append(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(dir.join(VMM_LOG))
             .map_err(|e| format!("cannot open {}: {e}", dir.join(VMM_LOG).display()))?;
         let fifo = dir.join(CONSOLE_IN);
@@ -107,10 +135,11 @@ impl Supervisor {
         let input = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&fifo)
             .map_err(|e| format!("cannot open {}: {e}", fifo.display()))?;
         let mut cmd = Command::new(&self.vmm_bin);
-        cmd.args(args)
+        cmd.args(&args)
             .stdin(input)
             .stdout(std::process::Stdio::null())
             .stderr(log)
@@ -266,6 +295,7 @@ impl Backend for Supervisor {
         config.memory_mib = spec.memory_mib;
         // Live snapshots (the default for branches) need the dirty log; clones inherit it.
         config.track_dirty_pages = true;
+        config.cmdline = spec.cmdline.clone();
         config.serial = Some(spec.dir.join(CONSOLE));
         config.rootfs = Some(DiskConfig {
             format: DiskFormat::Qcow2,
@@ -288,6 +318,28 @@ impl Backend for Supervisor {
         std::fs::write(&config_path, json)
             .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
         let started = Instant::now();
+        let files = if self.jail.is_some() {
+            // The overlay is the daemon's own, just made: its chain is trustworthy.
+            let overlay = vmm::disk::OpenOptions {
+                allow_backing: true,
+                ..vmm::disk::OpenOptions::new(spec.dir.join(DISK), DiskFormat::Qcow2, false)
+            };
+            let chain = vmm::disk::chain::walk_chain(&overlay).map_err(|e| e.to_string())?;
+            let mut read_only = vec![spec.kernel.clone()];
+            read_only.extend(spec.initrd.clone());
+            read_only.extend(chain.into_iter().map(|l| l.path));
+            VmFiles {
+                env_dir: spec.dir.clone(),
+                read_only,
+                netns: None,
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+                disk_bytes: vmm::disk::chain::virtual_size(&spec.dir.join(DISK), DiskFormat::Qcow2)
+                    .map_err(|e| e.to_string())?,
+            }
+        } else {
+            VmFiles::default()
+        };
         let (pid, child) = self.spawn(
             &spec.dir,
             &[
@@ -298,6 +350,7 @@ impl Backend for Supervisor {
                 spec.dir.join(CONTROL).to_string_lossy().into_owned(),
             ],
             spec.netns.as_deref(),
+            files,
         )?;
         self.wait_ready(&spec.dir, &child).await?;
         Ok(Running {
@@ -306,14 +359,29 @@ impl Backend for Supervisor {
         })
     }
 
-    async fn restore(
-        &self,
-        dir: &Path,
-        snapshot: &Path,
-        overlay: &Path,
-        netns: Option<&str>,
-    ) -> Result<Running, String> {
+    async fn restore(&self, spec: &RestoreSpec) -> Result<Running, String> {
+        let (dir, snapshot, overlay) = (&spec.dir, &spec.snapshot, &spec.overlay);
         let started = Instant::now();
+        let files = if self.jail.is_some() {
+            let frozen = spec
+                .layers
+                .first()
+                .ok_or("the snapshot has no disk layer")?;
+            VmFiles {
+                env_dir: dir.clone(),
+                read_only: [snapshot.clone()]
+                    .into_iter()
+                    .chain(spec.layers.iter().cloned())
+                    .collect(),
+                netns: None,
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+                disk_bytes: vmm::disk::chain::virtual_size(frozen, DiskFormat::Qcow2)
+                    .map_err(|e| e.to_string())?,
+            }
+        } else {
+            VmFiles::default()
+        };
         let (pid, child) = self.spawn(
             dir,
             &[
@@ -329,7 +397,8 @@ impl Backend for Supervisor {
                 "--vsock-override".into(),
                 dir.join(VSOCK).to_string_lossy().into_owned(),
             ],
-            netns,
+            spec.netns.as_deref(),
+            files,
         )?;
         self.wait_ready(dir, &child).await?;
         Ok(Running {
@@ -344,10 +413,24 @@ impl Backend for Supervisor {
         into: &Path,
         mode: SnapshotMode,
     ) -> Result<Frozen, String> {
+        // A jailed VMM can write only in its own directory; the finished snapshot is then
+        // moved out of its reach (a snapshot's files name no directory of their own).
+        let target = match &self.jail {
+            Some(_) => {
+                let staging = dir.join(SNAPSHOT_STAGING);
+                for leftover in [staging.clone(), vmm::snapshot::tmp_dir(&staging)] {
+                    if leftover.symlink_metadata().is_ok() {
+                        self.remove(&leftover);
+                    }
+                }
+                staging
+            }
+            None => into.to_path_buf(),
+        };
         let response = Self::request(
             dir,
             Request::Snapshot(SnapshotRequest {
-                dir: into.to_path_buf(),
+                dir: target.clone(),
                 kind: Default::default(),
                 parent: None,
                 resume: true,
@@ -357,11 +440,26 @@ impl Backend for Supervisor {
         .await;
         // A VMM killed mid-snapshot leaves its unfinished directory: remove it, so that a
         // failed snapshot leaves nothing behind.
-        let partial = vmm::snapshot::tmp_dir(into);
+        let partial = vmm::snapshot::tmp_dir(&target);
         if response.is_err() && partial.exists() {
             let _ = std::fs::remove_dir_all(&partial);
         }
-        match response? {
+        let response = response?;
+        if target != into {
+            if let Response::Snapshot(_) = response {
+                if !std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+                    return Err(format!("the VMM left no snapshot at {}", target.display()));
+                }
+                std::fs::rename(&target, into).map_err(|e| {
+                    format!(
+                        "cannot move {} to {}: {e}",
+                        target.display(),
+                        into.display()
+                    )
+                })?;
+            }
+        }
+        match response {
             Response::Snapshot(info) => Ok(Frozen {
                 pause_ms: info.pause_ms,
                 mode: info.mode,
@@ -408,6 +506,9 @@ impl Backend for Supervisor {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&pid);
+            if let Some(jail) = &self.jail {
+                jail.cleanup(dir);
+            }
             return exit_reason_from_log(dir).unwrap_or_else(|| match status {
                 Ok(s) => format!("the VMM exited ({s})"),
                 Err(e) => format!("the VMM could not be waited for: {e}"),
@@ -422,6 +523,9 @@ impl Backend for Supervisor {
                     let _ = afd.readable().await;
                 }
             }
+        }
+        if let Some(jail) = &self.jail {
+            jail.cleanup(dir);
         }
         exit_reason_from_log(dir).unwrap_or_else(|| "the VMM ended".to_string())
     }

@@ -14,6 +14,7 @@ pub mod devices;
 pub mod disk;
 pub mod event_loop;
 pub mod exit;
+pub mod jail;
 pub mod runtime;
 pub mod seccomp;
 pub mod snapshot;

@@ -19,6 +19,7 @@ use vmm::{ConsoleIo, DiskConfig, VmConfig, VsockConfig};
 use vmm_sys_util::terminal::Terminal;
 
 mod disk_cmd;
+mod jail_args;
 
 /// The exit codes of `run` and `restore`, for `--help`.
 const EXIT_CODES: &str = "Exit codes of run and restore: 0 the guest reset or powered off (or \
@@ -124,6 +125,8 @@ struct RestoreArgs {
     vsock_override: Option<PathBuf>,
     #[command(flatten)]
     security: SecurityArgs,
+    #[command(flatten)]
+    jail: jail_args::JailArgs,
 }
 
 #[derive(Args)]
@@ -180,6 +183,8 @@ struct RunArgs {
     net: Vec<String>,
     #[command(flatten)]
     security: SecurityArgs,
+    #[command(flatten)]
+    jail: jail_args::JailArgs,
 }
 
 /// `CID,PATH`: the guest's context id and the host-side Unix socket.
@@ -441,6 +446,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The jail goes up before anything reads a config, a snapshot or a guest.
+    let jail = match &cli.command {
+        Command::Run(args) => jail_args::enter(&args.jail),
+        Command::Restore(args) => jail_args::enter(&args.jail),
+        _ => Ok(()),
+    };
+    if let Err(code) = jail {
+        return code;
+    }
     match cli.command {
         Command::Run(args) => run(args, start),
         Command::Restore(args) => restore(args, start),

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use grove_api::http::{bind_unix, serve, BearerToken, Listeners};
+use grove_api::jail::JailSettings;
 use grove_api::network::NetworkConfig;
 use grove_api::orchestrator::Orchestrator;
 use grove_api::paths;
@@ -76,6 +77,13 @@ struct Args {
     /// Take published ports from this range (default: ephemeral ports).
     #[arg(long, value_name = "LOW-HIGH", requires = "network")]
     publish_ports: Option<String>,
+    /// Environment N's VMM runs jailed as uid and gid BASE+N (docs/jail.md). Jailing is
+    /// the default when groved runs as root.
+    #[arg(long, value_name = "BASE", default_value_t = grove_api::jail::DEFAULT_UID_BASE)]
+    jail_uid_base: u32,
+    /// Run VMMs unjailed, as the daemon's user (the only choice when not root).
+    #[arg(long)]
+    no_jail: bool,
 }
 
 impl Args {
@@ -120,10 +128,25 @@ fn build_default_images() -> Result<(PathBuf, PathBuf), String> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let network = args.network()?;
     let data = args.data_dir.unwrap_or_else(paths::default_data_dir);
+    // Absolute and free of links: jailed VMMs see their files under these very names.
+    let data = std::fs::create_dir_all(&data)
+        .and_then(|()| data.canonicalize())
+        .map_err(|e| anyhow::anyhow!("cannot use data directory {}: {e}", data.display()))?;
     let socket = args.socket.unwrap_or_else(paths::default_socket);
+    let mut supervisor = Supervisor::new(Supervisor::find_vmm_bin());
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && !args.no_jail {
+        supervisor = supervisor.with_jail(JailSettings {
+            uid_base: args.jail_uid_base,
+            jails_dir: data.join("jails"),
+        });
+    } else if !args.no_jail {
+        log::warn!("not root: VMMs run unjailed (see docs/jail.md)");
+    }
     let orchestrator = Orchestrator::open_with_network(
         &data,
-        Supervisor::new(Supervisor::find_vmm_bin()),
+        supervisor,
         Arc::new(build_default_images),
         network,
     )?;
