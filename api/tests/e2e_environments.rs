@@ -179,7 +179,7 @@ fn main_branch_sync_restart_and_delete() {
     // A daemon restart re-attaches to both VMs.
     let (_, before) = get(&sock, "/v1/environments");
     daemon.stop();
-    assert_eq!(vmms_under(&data).len(), 2, "the VMMs outlive the daemon");
+    assert_eq!(vms_under(&data).len(), 2, "the VMMs outlive the daemon");
     let daemon = Daemon::start(&data, &sock);
     let (_, after) = get(&sock, "/v1/environments");
     assert_eq!(before, after);

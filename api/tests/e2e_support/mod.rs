@@ -180,6 +180,25 @@ pub fn vmms_under(data: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// One process per VM under `data`: a jailed VMM is three processes (the starter, the init
+/// of its PID namespace and the VMM itself), of which this keeps the outermost.
+pub fn vms_under(data: &Path) -> Vec<u32> {
+    let all = vmms_under(data);
+    let parent = |pid: u32| -> Option<u32> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    all.iter()
+        .copied()
+        .filter(|pid| parent(*pid).is_none_or(|p| !all.contains(&p)))
+        .collect()
+}
+
 /// Kills the VMMs under the data directory and removes it, also when the test fails (the
 /// VMMs run in their own process groups and would outlive it).
 pub struct Cleanup(pub PathBuf);
