@@ -119,7 +119,17 @@ impl Client<UnixStream> {
         set(&stream).map_err(|e| ClientError::Connect(path.to_owned(), e))?;
         let mut hello = format!("CONNECT {port}\n").into_bytes();
         hello.extend_from_slice(early);
-        stream.write_all(&hello).map_err(io_error)?;
+        // A VMM that refuses closes the socket with our bytes unread, which Linux reports to
+        // us as a reset (or a broken pipe) rather than an end of file: before `OK`, that is a
+        // refusal like any other close.
+        let refused = |e: io::Error| match e.kind() {
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => ClientError::Refused {
+                port,
+                reply: "connection closed".to_owned(),
+            },
+            _ => io_error(e),
+        };
+        stream.write_all(&hello).map_err(refused)?;
         // Byte by byte: nothing after the newline may be consumed here.
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
@@ -140,7 +150,7 @@ impl Client<UnixStream> {
                     })
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error(e)),
+                Err(e) => return Err(refused(e)),
             }
         }
         let reply = String::from_utf8_lossy(&line).into_owned();
@@ -302,11 +312,7 @@ impl<S: Read + Write> Client<S> {
             Err(e) => return Err(e),
             Ok(other) => return Err(unexpected(&timing, &other.response)),
         }
-        pipeline
-            .ops
-            .iter()
-            .map(|op| self.next_answer(op))
-            .collect()
+        pipeline.ops.iter().map(|op| self.next_answer(op)).collect()
     }
 
     /// `run_hooks`: runs the post-clone hooks (each limited to `timeout_ms`, default

@@ -303,12 +303,18 @@ fn handling_time_rides_next_to_the_op_and_only_when_given() {
     });
     // Without a time the body is exactly what hosts older than the field accept.
     let plain = encode_response(&exit, None).expect("encode");
-    assert_eq!(serde_json::from_slice::<Response>(&plain).expect("strict"), exit);
+    assert_eq!(
+        serde_json::from_slice::<Response>(&plain).expect("strict"),
+        exit
+    );
     let timed = encode_response(&exit, Some(1234)).expect("encode");
     let value: serde_json::Value = serde_json::from_slice(&timed).expect("json");
     assert_eq!(value[HANDLED_US_FIELD], 1234, "{value}");
     assert_eq!(value["op"], "exit", "{value}");
-    assert!(serde_json::from_slice::<Response>(&timed).is_err(), "strict hosts reject it");
+    assert!(
+        serde_json::from_slice::<Response>(&timed).is_err(),
+        "strict hosts reject it"
+    );
     assert_eq!(
         decode_answer(&timed).expect("decode"),
         Answer {
@@ -320,7 +326,10 @@ fn handling_time_rides_next_to_the_op_and_only_when_given() {
     // recv_response accepts the field and drops it.
     let mut wire = Vec::new();
     write_frame(&mut wire, &timed).expect("frame");
-    assert_eq!(recv_response(&mut Cursor::new(wire)).expect("recv"), Some(exit));
+    assert_eq!(
+        recv_response(&mut Cursor::new(wire)).expect("recv"),
+        Some(exit)
+    );
     for text in [
         r#"{"op":"ok","handled_us":-1}"#,
         r#"{"op":"ok","handled_us":"5"}"#,
@@ -341,7 +350,10 @@ fn whole_frames_are_recognised_in_a_buffer() {
     assert!(!starts_with_frame(&[]));
     assert!(starts_with_frame(&framed(&[b""])), "an empty body is whole");
     let huge = (MAX_FRAME_BYTES as u32 + 1).to_be_bytes();
-    assert!(starts_with_frame(&huge), "too large is known without the body");
+    assert!(
+        starts_with_frame(&huge),
+        "too large is known without the body"
+    );
     let mut out = Vec::new();
     append_frame(&mut out, b"{}").expect("append");
     append_frame(&mut out, b"[1]").expect("append");

@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::protocol::{
-    append_frame, decode_request, encode_response, read_frame, starts_with_frame, ErrorCode,
-    Pong, ProtocolError, Request, Response, PROTOCOL_VERSION,
+    append_frame, decode_request, encode_response, read_frame, starts_with_frame, ErrorCode, Pong,
+    ProtocolError, Request, Response, PROTOCOL_VERSION,
 };
 use crate::system::{LinuxSystem, System};
 

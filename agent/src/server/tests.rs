@@ -631,7 +631,10 @@ fn pipelined_requests_are_answered_in_order_with_handling_times() {
     assert!(matches!(responses[1], Response::Ok {}), "{answers:?}");
     assert!(matches!(responses[2], Response::Ok {}), "{answers:?}");
     assert!(matches!(responses[3], Response::Ok {}), "{answers:?}");
-    assert!(matches!(responses[4], Response::Hooks { .. }), "{answers:?}");
+    assert!(
+        matches!(responses[4], Response::Hooks { .. }),
+        "{answers:?}"
+    );
     assert!(
         answers.iter().all(|a| a.handled_us.is_some()),
         "{answers:?}"
@@ -662,7 +665,10 @@ fn handling_time_covers_the_work_and_only_the_last_frame_carries_it() {
     // Not asked for: no time, so hosts that reject unknown fields are served as before.
     write_frame(&mut stream, br#"{"v":1,"op":"ping"}"#).expect("send");
     let body = read_frame(&mut stream).expect("read").expect("frame");
-    assert!(serde_json::from_slice::<Response>(&body).is_ok(), "strict decode");
+    assert!(
+        serde_json::from_slice::<Response>(&body).is_ok(),
+        "strict decode"
+    );
 
     crate::protocol::send_request(&mut stream, &Request::ReportTiming {}).expect("send");
     let answer = crate::protocol::recv_answer(&mut stream)
@@ -857,7 +863,10 @@ fn a_host_pipeline_works_with_an_agent_that_reports_no_times() {
         .expect("pipeline");
     assert_eq!(answers.len(), 2);
     assert!(matches!(answers[0].response, Response::Pong(_)));
-    assert!(answers.iter().all(|a| a.handled_us.is_none()), "{answers:?}");
+    assert!(
+        answers.iter().all(|a| a.handled_us.is_none()),
+        "{answers:?}"
+    );
     drop(client);
     old_agent.join().expect("old agent");
 }
@@ -867,8 +876,8 @@ fn connect_uds_with_sends_the_pipeline_with_the_connect_line() {
     let temp = TempDir::new("uds-early");
     let path = temp.path().join("v.sock");
     let vmm = fake_vmm(&path, true);
-    let pipeline = crate::client::Pipeline::new(&[Request::Ping {}, Request::Ping {}])
-        .expect("pipeline");
+    let pipeline =
+        crate::client::Pipeline::new(&[Request::Ping {}, Request::Ping {}]).expect("pipeline");
     assert_eq!(pipeline.len(), 2);
     let mut client = Client::connect_uds_with(
         &path,
