@@ -25,6 +25,14 @@ pub(crate) const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const AGENT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest silence accepted while the post-clone hooks run (the agent limits each hook).
 const HOOKS_SILENCE: Duration = Duration::from_secs(3600);
+/// How long the vsock handshake may take before the attempt is abandoned and made again. A
+/// VMM whose device runs answers within its own 2 s limit (`docs/vsock.md`); one whose
+/// guest has not set up its vsock driver yet (early in a boot) does not answer at all.
+const HANDSHAKE_TIMEOUT: Duration = if cfg!(test) {
+    Duration::from_millis(300)
+} else {
+    Duration::from_secs(5)
+};
 /// The first pause before trying again to reach an agent that is not listening (yet): a
 /// clone's agent listens at once, so a miss there is a moment's race.
 const RETRY_FIRST: Duration = Duration::from_millis(1);
@@ -36,8 +44,9 @@ const RETRY_MAX: Duration = Duration::from_millis(50);
 /// Has the agent behind `socket` apply `prep` (waiting up to `prep.timeout` for it to
 /// listen) and returns the hooks' results and the guest's own time.
 ///
-/// Only a refused connection is tried again: once the guest has accepted it, the steps may
-/// have been applied, and post-clone hooks must not run twice.
+/// Only the handshake is tried again (refused, timed out, no socket yet): until the VMM has
+/// answered `OK` it has passed nothing to the guest. Once the guest has accepted the
+/// connection the steps may have been applied, and post-clone hooks must not run twice.
 pub(crate) fn prepare(socket: &Path, prep: &Prepare) -> Result<Prepared, AgentError> {
     let mut requests = Vec::new();
     if let Some(clone) = &prep.clone {
@@ -60,24 +69,26 @@ pub(crate) fn prepare(socket: &Path, prep: &Prepare) -> Result<Prepared, AgentEr
         requests.push(AgentRequest::RunHooks(RunHooksRequest { timeout_ms: None }));
     }
     let pipeline = Pipeline::new(&requests).map_err(agent_error)?;
+    // Every error of the handshake is before `OK`: nothing reached the agent yet.
     let mut agent = with_retries(
         prep.timeout,
         || {
             Client::connect_uds_with(
                 socket,
                 agent::AGENT_PORT,
-                AGENT_IO_TIMEOUT,
+                HANDSHAKE_TIMEOUT,
                 pipeline.bytes(),
             )
         },
-        |e| matches!(e, ClientError::Connect(..) | ClientError::Refused { .. }),
+        |_| true,
     )?;
-    if prep.clone.is_some() {
-        // Hooks may take a while each: the agent limits every one (60 s by default).
-        agent
-            .set_timeout(Some(HOOKS_SILENCE))
-            .map_err(agent_error)?;
-    }
+    // Hooks may take a while each: the agent limits every one (60 s by default).
+    let silence = if prep.clone.is_some() {
+        HOOKS_SILENCE
+    } else {
+        AGENT_IO_TIMEOUT
+    };
+    agent.set_timeout(Some(silence)).map_err(agent_error)?;
     let answers = agent.answers(&pipeline).map_err(agent_error)?;
     // The agent's own figures: a guest could overstate them, which only shrinks what the
     // daemon reports as its own share (never below zero, see the orchestrator).

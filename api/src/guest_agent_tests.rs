@@ -53,6 +53,9 @@ enum Vmm {
     RefuseFirst(usize),
     /// Answers `OK`, then closes (the guest reset the connection after accepting it).
     AcceptThenClose,
+    /// Accepts nothing for this long, then serves every client (a VMM whose guest has not
+    /// set up its vsock driver yet leaves clients waiting in its socket's backlog).
+    SilentFor(Duration),
 }
 
 struct Fixture {
@@ -89,12 +92,15 @@ impl Fixture {
         let vmm_thread = {
             let (connections, first_write) = (Arc::clone(&connections), Arc::clone(&first_write));
             std::thread::spawn(move || {
+                if let Vmm::SilentFor(silence) = vmm {
+                    std::thread::sleep(silence);
+                }
                 for stream in listener.incoming() {
                     let Ok(mut stream) = stream else { return };
                     let n = connections.fetch_add(1, Ordering::SeqCst);
                     match vmm {
                         Vmm::RefuseFirst(refused) if n < refused => drop(stream),
-                        Vmm::RefuseFirst(_) => {
+                        Vmm::RefuseFirst(_) | Vmm::SilentFor(_) => {
                             // The client's first write, whole: everything it sends before
                             // waiting for `OK`.
                             std::thread::sleep(Duration::from_millis(50));
@@ -105,15 +111,29 @@ impl Fixture {
                             early.truncate(len);
                             let line = early.iter().position(|&b| b == b'\n').expect("line");
                             let rest = early.split_off(line + 1);
-                            first_write.lock().expect("lock").clone_from(&early);
-                            first_write.lock().expect("lock").extend_from_slice(&rest);
-                            stream.write_all(b"OK 1073741824\n").expect("OK");
+                            // Like the VMM: a client gone by the time the guest accepted is
+                            // dropped when `OK` cannot be written, and the guest gets nothing.
+                            if stream.write_all(b"OK 1073741824\n").is_err() {
+                                continue;
+                            }
+                            let mut first = first_write.lock().expect("lock");
+                            if first.is_empty() {
+                                first.clone_from(&early);
+                                first.extend_from_slice(&rest);
+                            }
+                            drop(first);
                             let agent = Arc::clone(&agent);
                             std::thread::spawn(move || {
                                 let _ = agent.serve(Prefixed(rest, stream));
                             });
                         }
                         Vmm::AcceptThenClose => {
+                            // After the client's whole first write, as the VMM answers only
+                            // once it has read the line.
+                            std::thread::sleep(Duration::from_millis(50));
+                            let _ = stream.set_nonblocking(true);
+                            let _ = stream.read(&mut [0u8; 65536]);
+                            let _ = stream.set_nonblocking(false);
                             let _ = stream.write_all(b"OK 1073741824\n");
                         }
                     }
@@ -203,6 +223,21 @@ fn a_clone_is_prepared_in_one_write_after_refusals_with_the_guests_time() {
     assert_eq!(
         ops,
         ["report_timing", "reseed", "clock", "identity", "run_hooks"]
+    );
+}
+
+#[test]
+fn a_handshake_the_vmm_does_not_answer_is_abandoned_and_made_again() {
+    // Early in a boot: the first clients time out in the VMM's backlog (300 ms in tests),
+    // are closed, and a later one is served. The dead ones deliver nothing.
+    let fixture = Fixture::start("silent", Vmm::SilentFor(Duration::from_millis(700)), true);
+    let prepared = prepare(&fixture.socket, &prep(true, Duration::from_secs(10))).expect("ready");
+    assert!(prepared.guest_us.is_some());
+    assert!(fixture.connections.load(Ordering::SeqCst) >= 2);
+    assert_eq!(
+        fixture.recorder.calls(),
+        ["entropy 64", "clock", "hostname feature-x"],
+        "applied once"
     );
 }
 
