@@ -59,6 +59,22 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether the connection ended (closed or reset) rather than failed otherwise: after
+    /// [`Client::taken`] failed this way, the agent carried out nothing of the pipeline.
+    pub fn ended_early(&self) -> bool {
+        match self {
+            Self::Closed(_) | Self::Protocol(ProtocolError::Truncated { .. }) => true,
+            Self::Protocol(ProtocolError::Io(e)) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        }
+    }
+
     /// The agent's error response, if this is one.
     pub fn agent_error(&self) -> Option<&ErrorInfo> {
         match self {
@@ -300,6 +316,15 @@ impl<S: Read + Write> Client<S> {
     /// of its requests ends it as [`ClientError::Agent`]; the connection should then be
     /// dropped.
     pub fn answers(&mut self, pipeline: &Pipeline) -> Result<Vec<Answer>, ClientError> {
+        self.taken()?;
+        self.step_answers(pipeline)
+    }
+
+    /// Reads the answer to a pipeline's leading `report_timing`, which the agent writes at
+    /// once, before it carries out anything after it: once this returns, the agent has the
+    /// connection. If the connection ends before ([`ClientError::ended_early`]), none of
+    /// the pipeline's requests were carried out.
+    pub fn taken(&mut self) -> Result<(), ClientError> {
         // An agent that predates `report_timing` rejects it as a bad request and answers the
         // rest without times.
         let timing = Request::ReportTiming {};
@@ -307,11 +332,15 @@ impl<S: Read + Write> Client<S> {
             Ok(Answer {
                 response: Response::Ok {},
                 ..
-            }) => {}
-            Err(ClientError::Agent { error, .. }) if error.code == ErrorCode::BadRequest => {}
-            Err(e) => return Err(e),
-            Ok(other) => return Err(unexpected(&timing, &other.response)),
+            }) => Ok(()),
+            Err(ClientError::Agent { error, .. }) if error.code == ErrorCode::BadRequest => Ok(()),
+            Err(e) => Err(e),
+            Ok(other) => Err(unexpected(&timing, &other.response)),
         }
+    }
+
+    /// Reads the answers to a pipeline's requests, after [`Client::taken`].
+    pub fn step_answers(&mut self, pipeline: &Pipeline) -> Result<Vec<Answer>, ClientError> {
         pipeline.ops.iter().map(|op| self.next_answer(op)).collect()
     }
 

@@ -44,9 +44,13 @@ const RETRY_MAX: Duration = Duration::from_millis(50);
 /// Has the agent behind `socket` apply `prep` (waiting up to `prep.timeout` for it to
 /// listen) and returns the hooks' results and the guest's own time.
 ///
-/// Only the handshake is tried again (refused, timed out, no socket yet): until the VMM has
-/// answered `OK` it has passed nothing to the guest. Once the guest has accepted the
-/// connection the steps may have been applied, and post-clone hooks must not run twice.
+/// Tried again: the handshake (refused, timed out, no socket yet: until the VMM has answered
+/// `OK` it has passed nothing to the guest), and a connection that ends before the agent's
+/// answer to `report_timing`, which it writes before it carries out any step. That happens
+/// right after a restore: the VMM tells the guest that the transport was reset together
+/// with the first connection request, and the guest may accept the connection before it
+/// handles the reset, which then ends it. After that answer nothing is tried again: the
+/// steps may have been applied, and post-clone hooks must not run twice.
 pub(crate) fn prepare(socket: &Path, prep: &Prepare) -> Result<Prepared, AgentError> {
     let mut requests = Vec::new();
     if let Some(clone) = &prep.clone {
@@ -69,27 +73,36 @@ pub(crate) fn prepare(socket: &Path, prep: &Prepare) -> Result<Prepared, AgentEr
         requests.push(AgentRequest::RunHooks(RunHooksRequest { timeout_ms: None }));
     }
     let pipeline = Pipeline::new(&requests).map_err(agent_error)?;
-    // Every error of the handshake is before `OK`: nothing reached the agent yet.
-    let mut agent = with_retries(
-        prep.timeout,
-        || {
-            Client::connect_uds_with(
-                socket,
-                agent::AGENT_PORT,
-                HANDSHAKE_TIMEOUT,
-                pipeline.bytes(),
-            )
-        },
-        |_| true,
-    )?;
-    // Hooks may take a while each: the agent limits every one (60 s by default).
-    let silence = if prep.clone.is_some() {
-        HOOKS_SILENCE
-    } else {
-        AGENT_IO_TIMEOUT
-    };
-    agent.set_timeout(Some(silence)).map_err(agent_error)?;
-    let answers = agent.answers(&pipeline).map_err(agent_error)?;
+    let mut agent = with_retries(prep.timeout, || {
+        // Every error of the handshake is before `OK`: nothing reached the agent yet.
+        let mut agent = Client::connect_uds_with(
+            socket,
+            agent::AGENT_PORT,
+            HANDSHAKE_TIMEOUT,
+            pipeline.bytes(),
+        )
+        .map_err(Retry::Yes)?;
+        // A guest faulting its memory back in after a restore may be slow to answer;
+        // giving up on a connection it has taken would risk running the steps twice.
+        agent
+            .set_timeout(Some(AGENT_IO_TIMEOUT))
+            .map_err(Retry::No)?;
+        agent.taken().map_err(|e| {
+            if e.ended_early() {
+                Retry::Yes(e)
+            } else {
+                Retry::No(e)
+            }
+        })?;
+        Ok(agent)
+    })?;
+    if prep.clone.is_some() {
+        // Hooks may take a while each: the agent limits every one (60 s by default).
+        agent
+            .set_timeout(Some(HOOKS_SILENCE))
+            .map_err(agent_error)?;
+    }
+    let answers = agent.step_answers(&pipeline).map_err(agent_error)?;
     // The agent's own figures: a guest could overstate them, which only shrinks what the
     // daemon reports as its own share (never below zero, see the orchestrator).
     let guest_us = answers.iter().try_fold(0u64, |sum, answer| {
@@ -112,30 +125,35 @@ pub(crate) fn prepare(socket: &Path, prep: &Prepare) -> Result<Prepared, AgentEr
 /// Connects to the agent through the VM's vsock socket and pings it, trying again while the
 /// socket is missing or the agent does not answer, for at most `wait`.
 pub(crate) fn connect(socket: &Path, wait: Duration) -> Result<Client<UnixStream>, AgentError> {
-    with_retries(
-        wait,
-        || {
-            Client::connect_uds(socket, agent::AGENT_PORT, AGENT_IO_TIMEOUT)
-                .and_then(|mut c| c.ping().map(|_| c))
-        },
-        |e| !matches!(e, ClientError::Agent { .. }),
-    )
+    with_retries(wait, || {
+        Client::connect_uds(socket, agent::AGENT_PORT, AGENT_IO_TIMEOUT)
+            .and_then(|mut c| c.ping().map(|_| c))
+            .map_err(|e| match e {
+                ClientError::Agent { .. } => Retry::No(e),
+                _ => Retry::Yes(e),
+            })
+    })
 }
 
-/// Calls `attempt` until it succeeds, fails in a way `retry` does not accept, or `wait` has
-/// passed; the pauses between attempts grow from [`RETRY_FIRST`] to [`RETRY_MAX`].
+/// Whether a failed attempt may be made again.
+enum Retry {
+    Yes(ClientError),
+    No(ClientError),
+}
+
+/// Calls `attempt` until it succeeds, fails with [`Retry::No`], or `wait` has passed; the
+/// pauses between attempts grow from [`RETRY_FIRST`] to [`RETRY_MAX`].
 fn with_retries<T>(
     wait: Duration,
-    mut attempt: impl FnMut() -> Result<T, ClientError>,
-    retry: impl Fn(&ClientError) -> bool,
+    mut attempt: impl FnMut() -> Result<T, Retry>,
 ) -> Result<T, AgentError> {
     let deadline = Instant::now() + wait;
     let mut pause = RETRY_FIRST;
     loop {
         match attempt() {
             Ok(value) => return Ok(value),
-            Err(e) if !retry(&e) => return Err(agent_error(e)),
-            Err(e) if Instant::now() >= deadline => {
+            Err(Retry::No(e)) => return Err(agent_error(e)),
+            Err(Retry::Yes(e)) if Instant::now() >= deadline => {
                 return Err(AgentError::Unavailable(format!(
                     "{e} (still, after {:.0} s)",
                     wait.as_secs_f64()

@@ -51,8 +51,12 @@ impl System for Recorder {
 enum Vmm {
     /// Refuses the first `n` (the agent is not listening yet), then serves.
     RefuseFirst(usize),
-    /// Answers `OK`, then closes (the guest reset the connection after accepting it).
-    AcceptThenClose,
+    /// Answers `OK`, then closes (the guest reset the connection after accepting it, as
+    /// when it handles the transport reset of a restore late): `n` times, then serves.
+    AcceptThenClose(usize),
+    /// Serves, but the agent is gone after taking the connection: it answers
+    /// `report_timing` and then the connection ends.
+    LostAfterTaken,
     /// Accepts nothing for this long, then serves every client (a VMM whose guest has not
     /// set up its vsock driver yet leaves clients waiting in its socket's backlog).
     SilentFor(Duration),
@@ -100,7 +104,27 @@ impl Fixture {
                     let n = connections.fetch_add(1, Ordering::SeqCst);
                     match vmm {
                         Vmm::RefuseFirst(refused) if n < refused => drop(stream),
-                        Vmm::RefuseFirst(_) | Vmm::SilentFor(_) => {
+                        Vmm::AcceptThenClose(closed) if n < closed => {
+                            // After the client's whole first write, as the VMM answers only
+                            // once it has read the line.
+                            std::thread::sleep(Duration::from_millis(50));
+                            let _ = stream.set_nonblocking(true);
+                            let _ = stream.read(&mut [0u8; 65536]);
+                            let _ = stream.set_nonblocking(false);
+                            let _ = stream.write_all(b"OK 1073741824\n");
+                        }
+                        Vmm::LostAfterTaken => {
+                            std::thread::sleep(Duration::from_millis(50));
+                            let _ = stream.set_nonblocking(true);
+                            let _ = stream.read(&mut [0u8; 65536]);
+                            let _ = stream.set_nonblocking(false);
+                            let _ = stream.write_all(b"OK 1073741824\n");
+                            let _ = agent::protocol::send_response(
+                                &mut stream,
+                                &agent::protocol::Response::Ok {},
+                            );
+                        }
+                        Vmm::RefuseFirst(_) | Vmm::SilentFor(_) | Vmm::AcceptThenClose(_) => {
                             // The client's first write, whole: everything it sends before
                             // waiting for `OK`.
                             std::thread::sleep(Duration::from_millis(50));
@@ -126,15 +150,6 @@ impl Fixture {
                             std::thread::spawn(move || {
                                 let _ = agent.serve(Prefixed(rest, stream));
                             });
-                        }
-                        Vmm::AcceptThenClose => {
-                            // After the client's whole first write, as the VMM answers only
-                            // once it has read the line.
-                            std::thread::sleep(Duration::from_millis(50));
-                            let _ = stream.set_nonblocking(true);
-                            let _ = stream.read(&mut [0u8; 65536]);
-                            let _ = stream.set_nonblocking(false);
-                            let _ = stream.write_all(b"OK 1073741824\n");
                         }
                     }
                 }
@@ -260,9 +275,23 @@ fn an_agent_error_is_reported_with_its_code() {
 }
 
 #[test]
-fn a_connection_lost_after_the_guest_accepted_it_is_not_tried_again() {
+fn a_connection_ended_before_the_agent_took_it_is_made_again() {
+    // After a restore: accepted, then ended by the guest's transport reset, twice.
+    let fixture = Fixture::start("reset", Vmm::AcceptThenClose(2), true);
+    let prepared = prepare(&fixture.socket, &prep(true, Duration::from_secs(10))).expect("ready");
+    assert!(prepared.guest_us.is_some());
+    assert_eq!(fixture.connections.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        fixture.recorder.calls(),
+        ["entropy 64", "clock", "hostname feature-x"],
+        "applied once"
+    );
+}
+
+#[test]
+fn a_connection_lost_after_the_agent_took_it_is_not_tried_again() {
     // The steps may have been applied (hooks must not run twice): an error, one connection.
-    let fixture = Fixture::start("lost", Vmm::AcceptThenClose, true);
+    let fixture = Fixture::start("lost", Vmm::LostAfterTaken, true);
     match prepare(&fixture.socket, &prep(true, Duration::from_secs(10))) {
         Err(AgentError::Unavailable(_)) => {}
         other => panic!("{other:?}"),

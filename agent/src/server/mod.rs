@@ -100,6 +100,10 @@ impl Agent {
                 Ok(Request::ReportTiming {}) => {
                     conn.timing = true;
                     conn.answer(&Response::Ok {}, started)?;
+                    // Written at once: it tells the host that the agent has the connection
+                    // before any request after it is carried out (a connection that ends
+                    // before this answer arrives carried nothing out and may be retried).
+                    conn.flush()?;
                 }
                 Ok(request) => self.handle(request, Some(watch.as_fd()), &mut |response| {
                     conn.answer(response, started)
