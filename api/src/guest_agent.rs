@@ -52,28 +52,15 @@ const RETRY_MAX: Duration = Duration::from_millis(50);
 /// handles the reset, which then ends it. After that answer nothing is tried again: the
 /// steps may have been applied, and post-clone hooks must not run twice.
 pub(crate) fn prepare(socket: &Path, prep: &Prepare) -> Result<Prepared, AgentError> {
-    let mut requests = Vec::new();
-    if let Some(clone) = &prep.clone {
-        let now = SystemTime::now()
+    if prep.clone.is_some() {
+        // The clone's clock is set from the host's: it must make sense.
+        SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_err(|e| AgentError::Unavailable(format!("host clock: {e}")))?;
-        requests.push(AgentRequest::Reseed(ReseedRequest {
-            entropy: clone.entropy.clone(),
-        }));
-        requests.push(AgentRequest::Clock(ClockRequest {
-            unix_nanos: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
-        }));
     }
-    requests.push(AgentRequest::Identity(IdentityRequest {
-        hostname: prep.identity.hostname.clone(),
-        machine_id: prep.identity.machine_id.clone(),
-        address: None,
-    }));
-    if prep.clone.is_some() {
-        requests.push(AgentRequest::RunHooks(RunHooksRequest { timeout_ms: None }));
-    }
-    let pipeline = Pipeline::new(&requests).map_err(agent_error)?;
-    let mut agent = with_retries(prep.timeout, || {
+    let (mut agent, pipeline) = with_retries(prep.timeout, || {
+        // Built for each attempt, so that the clock sent is the time of the attempt.
+        let pipeline = steps(prep).map_err(Retry::No)?;
         // Every error of the handshake is before `OK`: nothing reached the agent yet.
         let mut agent = Client::connect_uds_with(
             socket,
@@ -94,7 +81,7 @@ pub(crate) fn prepare(socket: &Path, prep: &Prepare) -> Result<Prepared, AgentEr
                 Retry::No(e)
             }
         })?;
-        Ok(agent)
+        Ok((agent, pipeline))
     })?;
     if prep.clone.is_some() {
         // Hooks may take a while each: the agent limits every one (60 s by default).
@@ -104,7 +91,7 @@ pub(crate) fn prepare(socket: &Path, prep: &Prepare) -> Result<Prepared, AgentEr
     }
     let answers = agent.step_answers(&pipeline).map_err(agent_error)?;
     // The agent's own figures: a guest could overstate them, which only shrinks what the
-    // daemon reports as its own share (never below zero, see the orchestrator).
+    // daemon reports as Grove's share (never below zero, see the orchestrator).
     let guest_us = answers.iter().try_fold(0u64, |sum, answer| {
         answer.handled_us.map(|us| sum.saturating_add(us))
     });
@@ -120,6 +107,32 @@ pub(crate) fn prepare(socket: &Path, prep: &Prepare) -> Result<Prepared, AgentEr
         _ => Vec::new(),
     };
     Ok(Prepared { hooks, guest_us })
+}
+
+/// The readiness steps of `prep`, in order: entropy, clock (now), identity, hooks.
+fn steps(prep: &Prepare) -> Result<Pipeline, ClientError> {
+    let mut requests = Vec::new();
+    if let Some(clone) = &prep.clone {
+        // Checked by `prepare` (a host clock before 1970).
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        requests.push(AgentRequest::Reseed(ReseedRequest {
+            entropy: clone.entropy.clone(),
+        }));
+        requests.push(AgentRequest::Clock(ClockRequest {
+            unix_nanos: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
+        }));
+    }
+    requests.push(AgentRequest::Identity(IdentityRequest {
+        hostname: prep.identity.hostname.clone(),
+        machine_id: prep.identity.machine_id.clone(),
+        address: None,
+    }));
+    if prep.clone.is_some() {
+        requests.push(AgentRequest::RunHooks(RunHooksRequest { timeout_ms: None }));
+    }
+    Pipeline::new(&requests)
 }
 
 /// Connects to the agent through the VM's vsock socket and pings it, trying again while the
