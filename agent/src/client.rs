@@ -6,6 +6,10 @@
 //! socketpair). A client sends any number of requests on its connection, one after another;
 //! each method returns when its request is fully answered. After an error response the
 //! connection stays usable; after an I/O or protocol error it should be dropped.
+//!
+//! A [`Pipeline`] sends several requests at once and reads their answers with the agent's
+//! handling time of each; [`Client::connect_uds_with`] sends it in the same write as the
+//! `CONNECT` line, so the handshake and the requests cost one trip into the guest together.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -13,9 +17,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::protocol::{
-    recv_response, send_request, ClockRequest, ErrorInfo, ExecRequest, ExitStatus, HookResult,
-    IdentityRequest, Pong, ProtocolError, ReadFileRequest, Request, ReseedRequest, Response,
-    RunHooksRequest, Stream, WriteFileRequest,
+    append_frame, encode_request, recv_answer, send_request, Answer, ClockRequest, ErrorCode,
+    ErrorInfo, ExecRequest, ExitStatus, HookResult, IdentityRequest, Pong, ProtocolError,
+    ReadFileRequest, Request, ReseedRequest, Response, RunHooksRequest, Stream, WriteFileRequest,
 };
 
 /// The longest handshake reply line accepted (`OK ` + a 32-bit port + newline fits easily).
@@ -55,6 +59,22 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether the connection ended (closed or reset) rather than failed otherwise: after
+    /// [`Client::taken`] failed this way, the agent carried out nothing of the pipeline.
+    pub fn ended_early(&self) -> bool {
+        match self {
+            Self::Closed(_) | Self::Protocol(ProtocolError::Truncated { .. }) => true,
+            Self::Protocol(ProtocolError::Io(e)) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        }
+    }
+
     /// The agent's error response, if this is one.
     pub fn agent_error(&self) -> Option<&ErrorInfo> {
         match self {
@@ -92,6 +112,20 @@ impl Client<UnixStream> {
     /// agent (an `exec` of a program that prints nothing for longer fails with
     /// [`ClientError::Timeout`]); change it with [`Client::set_timeout`].
     pub fn connect_uds(path: &Path, port: u32, timeout: Duration) -> Result<Self, ClientError> {
+        Self::connect_uds_with(path, port, timeout, &[])
+    }
+
+    /// [`Client::connect_uds`], writing `early` (e.g. [`Pipeline::bytes`]) in the same write
+    /// as the `CONNECT` line: the VMM hands those bytes to the guest as soon as the
+    /// connection is accepted, without waiting for the host to see `OK`. A refusal
+    /// ([`ClientError::Refused`], [`ClientError::Connect`]) means the agent received none of
+    /// them.
+    pub fn connect_uds_with(
+        path: &Path,
+        port: u32,
+        timeout: Duration,
+        early: &[u8],
+    ) -> Result<Self, ClientError> {
         let mut stream =
             UnixStream::connect(path).map_err(|e| ClientError::Connect(path.to_owned(), e))?;
         let set = |s: &UnixStream| -> io::Result<()> {
@@ -99,9 +133,19 @@ impl Client<UnixStream> {
             s.set_write_timeout(Some(timeout))
         };
         set(&stream).map_err(|e| ClientError::Connect(path.to_owned(), e))?;
-        stream
-            .write_all(format!("CONNECT {port}\n").as_bytes())
-            .map_err(io_error)?;
+        let mut hello = format!("CONNECT {port}\n").into_bytes();
+        hello.extend_from_slice(early);
+        // A VMM that refuses closes the socket with our bytes unread, which Linux reports to
+        // us as a reset (or a broken pipe) rather than an end of file: before `OK`, that is a
+        // refusal like any other close.
+        let refused = |e: io::Error| match e.kind() {
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => ClientError::Refused {
+                port,
+                reply: "connection closed".to_owned(),
+            },
+            _ => io_error(e),
+        };
+        stream.write_all(&hello).map_err(refused)?;
         // Byte by byte: nothing after the newline may be consumed here.
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
@@ -122,7 +166,7 @@ impl Client<UnixStream> {
                     })
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error(e)),
+                Err(e) => return Err(refused(e)),
             }
         }
         let reply = String::from_utf8_lossy(&line).into_owned();
@@ -163,10 +207,18 @@ impl<S: Read + Write> Client<S> {
 
     /// The next response frame to `op`; an `error` frame becomes [`ClientError::Agent`].
     fn next(&mut self, op: &'static str) -> Result<Response, ClientError> {
-        match recv_response(&mut self.stream).map_err(protocol_error)? {
+        self.next_answer(op).map(|answer| answer.response)
+    }
+
+    /// [`Client::next`] with the agent's handling time.
+    fn next_answer(&mut self, op: &'static str) -> Result<Answer, ClientError> {
+        match recv_answer(&mut self.stream).map_err(protocol_error)? {
             None => Err(ClientError::Closed(op)),
-            Some(Response::Error(error)) => Err(ClientError::Agent { request: op, error }),
-            Some(response) => Ok(response),
+            Some(Answer {
+                response: Response::Error(error),
+                ..
+            }) => Err(ClientError::Agent { request: op, error }),
+            Some(answer) => Ok(answer),
         }
     }
 
@@ -247,24 +299,49 @@ impl<S: Read + Write> Client<S> {
         self.expect_ok(&Request::Clock(ClockRequest { unix_nanos }))
     }
 
-    /// Sends every request of `requests` before reading any answer (one round trip for all of
-    /// them instead of one each; the agent answers in order), then reads one answer per
-    /// request. For requests answered by a single frame (not `exec`). The first error answer
-    /// ends it as [`ClientError::Agent`]; the connection should then be dropped.
-    pub fn pipeline(&mut self, requests: &[Request]) -> Result<Vec<Response>, ClientError> {
-        for request in requests {
-            if matches!(request, Request::Exec(_)) {
-                return Err(ClientError::Unexpected {
-                    request: request.op(),
-                    response: "pipeline (exec streams its answer)",
-                });
-            }
-            send_request(&mut self.stream, request).map_err(protocol_error)?;
+    /// Sends every request of `requests` in one write before reading any answer (one round
+    /// trip for all of them instead of one each; the agent answers in order), then reads one
+    /// answer per request, with the agent's handling time of each (see [`Pipeline`]).
+    pub fn pipeline(&mut self, requests: &[Request]) -> Result<Vec<Answer>, ClientError> {
+        let pipeline = Pipeline::new(requests)?;
+        self.stream
+            .write_all(pipeline.bytes())
+            .and_then(|()| self.stream.flush())
+            .map_err(io_error)?;
+        self.answers(&pipeline)
+    }
+
+    /// Reads the answers to `pipeline`, already sent on this connection (by
+    /// [`Client::connect_uds_with`] or [`Client::pipeline`]). The first error answer to one
+    /// of its requests ends it as [`ClientError::Agent`]; the connection should then be
+    /// dropped.
+    pub fn answers(&mut self, pipeline: &Pipeline) -> Result<Vec<Answer>, ClientError> {
+        self.taken()?;
+        self.step_answers(pipeline)
+    }
+
+    /// Reads the answer to a pipeline's leading `report_timing`, which the agent writes at
+    /// once, before it carries out anything after it: once this returns, the agent has the
+    /// connection. If the connection ends before ([`ClientError::ended_early`]), none of
+    /// the pipeline's requests were carried out.
+    pub fn taken(&mut self) -> Result<(), ClientError> {
+        // An agent that predates `report_timing` rejects it as a bad request and answers the
+        // rest without times.
+        let timing = Request::ReportTiming {};
+        match self.next_answer(timing.op()) {
+            Ok(Answer {
+                response: Response::Ok {},
+                ..
+            }) => Ok(()),
+            Err(ClientError::Agent { error, .. }) if error.code == ErrorCode::BadRequest => Ok(()),
+            Err(e) => Err(e),
+            Ok(other) => Err(unexpected(&timing, &other.response)),
         }
-        requests
-            .iter()
-            .map(|request| self.next(request.op()))
-            .collect()
+    }
+
+    /// Reads the answers to a pipeline's requests, after [`Client::taken`].
+    pub fn step_answers(&mut self, pipeline: &Pipeline) -> Result<Vec<Answer>, ClientError> {
+        pipeline.ops.iter().map(|op| self.next_answer(op)).collect()
     }
 
     /// `run_hooks`: runs the post-clone hooks (each limited to `timeout_ms`, default
@@ -275,6 +352,55 @@ impl<S: Read + Write> Client<S> {
             Response::Hooks { results } => Ok(results),
             other => Err(unexpected(&request, &other)),
         }
+    }
+}
+
+/// Requests to send at once, encoded: `report_timing` (so every answer brings the agent's
+/// handling time), then the requests in order. Only requests answered by a single frame
+/// (not `exec`).
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    ops: Vec<&'static str>,
+    bytes: Vec<u8>,
+}
+
+impl Pipeline {
+    /// Encodes `requests`; `exec` is refused ([`ClientError::Unexpected`]).
+    pub fn new(requests: &[Request]) -> Result<Self, ClientError> {
+        let mut bytes = Vec::new();
+        let mut ops = Vec::with_capacity(requests.len());
+        let frame = |bytes: &mut Vec<u8>, request: &Request| {
+            encode_request(request)
+                .and_then(|body| append_frame(bytes, &body))
+                .map_err(ClientError::Protocol)
+        };
+        frame(&mut bytes, &Request::ReportTiming {})?;
+        for request in requests {
+            if matches!(request, Request::Exec(_)) {
+                return Err(ClientError::Unexpected {
+                    request: request.op(),
+                    response: "pipeline (exec streams its answer)",
+                });
+            }
+            frame(&mut bytes, request)?;
+            ops.push(request.op());
+        }
+        Ok(Self { ops, bytes })
+    }
+
+    /// The frames, to write as they are.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// How many requests (`report_timing` not counted).
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether there are no requests.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
     }
 }
 

@@ -11,13 +11,15 @@
 //! - [`server`]: the request handlers ([`server::Agent`]), independent of the transport so
 //!   they run on a host over any socket in tests;
 //! - [`system`]: the privileged guest operations behind a trait;
-//! - [`vsock`]: the `AF_VSOCK` listener of the guest binary.
+//! - [`vsock`]: the `AF_VSOCK` listener of the guest binary;
+//! - [`workers`]: the guest binary's pre-started connection threads.
 
 pub mod client;
 pub mod protocol;
 pub mod server;
 pub mod system;
 pub mod vsock;
+pub mod workers;
 
 /// The vsock port the agent listens on in the guest.
 pub const AGENT_PORT: u32 = 52;

@@ -1,5 +1,6 @@
 //! `grove-agent`: the guest agent. Started by the default image's `/sbin/init`; listens on
-//! vsock port 52 and serves each host connection on its own thread.
+//! vsock port 52 and serves each host connection on a thread of its own, started ahead of
+//! time ([`agent::workers`]).
 //!
 //! ```text
 //! grove-agent [--port N]
@@ -16,18 +17,21 @@ use std::io;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use agent::server::Agent;
 use agent::system::LinuxSystem;
 use agent::vsock::VsockListener;
+use agent::workers::{Dispatch, Workers};
 use agent::AGENT_PORT;
 
 /// Connections served at once; more are closed at once (a host loop gone wrong must not
 /// exhaust the guest).
 const MAX_CONNECTIONS: usize = 64;
+
+/// Workers started before the agent listens and kept waiting for connections: the daemon's
+/// readiness connection after a restore and one `exec` beside it start no thread.
+const SPARE_WORKERS: usize = 2;
 
 const USAGE: &str = "usage: grove-agent [--port N]";
 
@@ -79,25 +83,15 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Options, String> {
     })
 }
 
-/// Counts a connection for as long as it lives.
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Accepts connections forever, each served on its own thread. Accept errors (a connection
-/// reset before it was accepted, a transport reset after a restore, descriptor exhaustion)
-/// are waited out: the agent must outlive them.
-fn serve_forever<S, F>(agent: Agent, mut accept: F) -> !
+/// Accepts connections forever, each served by a worker. Accept errors (a connection reset
+/// before it was accepted, a transport reset after a restore, descriptor exhaustion) are
+/// waited out: the agent must outlive them. `workers` are started before the caller
+/// listens, so a connection never waits for a thread to start while spares are left.
+fn serve_forever<S, F>(workers: Workers<S>, mut accept: F) -> !
 where
-    S: io::Read + io::Write + std::os::fd::AsFd + Send + 'static,
+    S: Send + 'static,
     F: FnMut() -> io::Result<S>,
 {
-    let agent = Arc::new(agent);
-    let active = Arc::new(AtomicUsize::new(0));
     loop {
         let stream = match accept() {
             Ok(stream) => stream,
@@ -112,23 +106,21 @@ where
                 continue;
             }
         };
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::SeqCst);
-            continue;
-        }
-        let slot = Slot(Arc::clone(&active));
-        let agent = Arc::clone(&agent);
-        let spawned = std::thread::Builder::new()
-            .name("connection".to_owned())
-            .spawn(move || {
-                let _slot = slot;
-                // A connection's failure is the host's business; the agent goes on.
-                let _ = agent.serve(stream);
-            });
-        if let Err(e) = spawned {
+        if let Dispatch::Failed(e) = workers.dispatch(stream) {
             eprintln!("grove-agent: cannot start a connection thread: {e}");
         }
     }
+}
+
+/// Workers serving connections with `agent`.
+fn workers<S>(agent: Agent) -> Workers<S>
+where
+    S: io::Read + io::Write + std::os::fd::AsFd + Send + 'static,
+{
+    Workers::new(MAX_CONNECTIONS, SPARE_WORKERS, move |stream: S| {
+        // A connection's failure is the host's business; the agent goes on.
+        let _ = agent.serve(stream);
+    })
 }
 
 fn main() -> ExitCode {
@@ -145,20 +137,27 @@ fn main() -> ExitCode {
         None
     };
     let agent = Agent::new(options.root, system);
+    // The workers start before the agent listens: a host that can connect finds them ready.
     match options.listen {
-        Listen::Vsock(port) => match VsockListener::bind(port) {
-            Ok(listener) => serve_forever(agent, || listener.accept()),
-            Err(e) => {
-                eprintln!("grove-agent: cannot listen on vsock port {port}: {e}");
-                ExitCode::FAILURE
+        Listen::Vsock(port) => {
+            let workers = workers(agent);
+            match VsockListener::bind(port) {
+                Ok(listener) => serve_forever(workers, || listener.accept()),
+                Err(e) => {
+                    eprintln!("grove-agent: cannot listen on vsock port {port}: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
-        Listen::Unix(path) => match UnixListener::bind(&path) {
-            Ok(listener) => serve_forever(agent, || listener.accept().map(|(s, _)| s)),
-            Err(e) => {
-                eprintln!("grove-agent: cannot listen on {}: {e}", path.display());
-                ExitCode::FAILURE
+        }
+        Listen::Unix(path) => {
+            let workers = workers(agent);
+            match UnixListener::bind(&path) {
+                Ok(listener) => serve_forever(workers, || listener.accept().map(|(s, _)| s)),
+                Err(e) => {
+                    eprintln!("grove-agent: cannot listen on {}: {e}", path.display());
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
     }
 }

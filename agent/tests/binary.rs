@@ -232,3 +232,22 @@ fn client_reports_a_closed_agent() {
         "{error}"
     );
 }
+
+#[test]
+fn pipelines_get_handling_times_on_prestarted_workers() {
+    let agent = RunningAgent::start("pipeline");
+    // More connections at once than workers start ahead: each is served.
+    let mut clients: Vec<_> = (0..4).map(|_| agent.connect()).collect();
+    for client in &mut clients {
+        let answers = client
+            .pipeline(&[Request::Ping {}, Request::Ping {}])
+            .expect("pipeline");
+        assert_eq!(answers.len(), 2);
+        assert!(
+            answers
+                .iter()
+                .all(|a| matches!(a.response, Response::Pong(_)) && a.handled_us.is_some()),
+            "{answers:?}"
+        );
+    }
+}

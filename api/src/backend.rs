@@ -82,6 +82,17 @@ pub struct Prepare {
     pub timeout: Duration,
 }
 
+/// What the guest agent reported after applying a [`Prepare`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Prepared {
+    /// The post-clone hooks' results, in the order they ran (clones only).
+    pub hooks: Vec<HookResult>,
+    /// The agent's own handling time of the steps, summed, in microseconds: the guest's
+    /// own work (`docs/clones.md`). `None` when the agent reports no times (one older than
+    /// `report_timing`).
+    pub guest_us: Option<u64>,
+}
+
 /// The steps that make a clone unique beyond its identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloneSteps {
@@ -155,12 +166,13 @@ pub trait Backend: Send + Sync + 'static {
     fn remove(&self, path: &Path);
 
     /// Waits (up to `prep.timeout`) for the guest agent of the VM in `dir` to answer, then has
-    /// it apply `prep`, in order: entropy, clock, identity, hooks. Returns the hooks' results.
+    /// it apply `prep`, in order: entropy, clock, identity, hooks. Returns the hooks' results
+    /// and the guest's own time for it all.
     fn agent_prepare(
         &self,
         dir: &Path,
         prep: &Prepare,
-    ) -> impl Future<Output = Result<Vec<HookResult>, AgentError>> + Send;
+    ) -> impl Future<Output = Result<Prepared, AgentError>> + Send;
     /// Runs `cmd` in the guest.
     fn agent_exec(
         &self,

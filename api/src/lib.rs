@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod client;
 pub mod error;
+pub mod guest_agent;
 pub mod http;
 pub mod jail;
 pub mod model;

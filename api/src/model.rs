@@ -165,6 +165,15 @@ pub struct EnvironmentCreated {
 pub struct Readiness {
     /// From the VM running to the agent acknowledging the last step.
     pub ready_ms: f64,
+    /// Of `ready_ms`, the guest's own work: the agent's handling time of each step, as it
+    /// measured it, summed (`docs/clones.md`). `None` when the agent reports no times.
+    #[serde(default)]
+    pub guest_ms: Option<f64>,
+    /// Of `ready_ms`, what Grove added: `ready_ms - guest_ms` (the daemon, the host socket,
+    /// the VMM's vsock device, the guest kernel's vsock transport and the agent's reading
+    /// and writing of the connection).
+    #[serde(default)]
+    pub added_ms: Option<f64>,
     /// The hostname the guest now has (the environment's name, made a valid hostname).
     pub hostname: String,
     /// Whether fresh host entropy was mixed into the guest's pool and its clock set (branches).

@@ -26,8 +26,8 @@ use tokio::sync::broadcast;
 use vmm::disk::DiskFormat;
 
 use crate::backend::{
-    AgentError, Backend, CloneSteps, GuestCommand, GuestIdentity, Prepare, RestoreSpec, VmSpec,
-    MAX_EXEC_OUTPUT,
+    AgentError, Backend, CloneSteps, GuestCommand, GuestIdentity, Prepare, Prepared, RestoreSpec,
+    VmSpec, MAX_EXEC_OUTPUT,
 };
 use crate::error::ApiError;
 use crate::model::{
@@ -530,7 +530,7 @@ impl<B: Backend> Orchestrator<B> {
                 BOOT_AGENT_TIMEOUT
             },
         };
-        let hooks = self
+        let Prepared { hooks, guest_us } = self
             .backend
             .agent_prepare(&row.dir, &prep)
             .await
@@ -550,8 +550,15 @@ impl<B: Backend> Orchestrator<B> {
                 ),
             ));
         }
+        let ready_ms = ms(started);
+        // What the agent measured for itself is the guest's own work; the rest is Grove's
+        // (docs/clones.md). The agent's figure is capped at the whole: a guest clock or a
+        // guest that overstates cannot make Grove's share negative.
+        let guest_ms = guest_us.map(|us| (us as f64 / 1000.0).min(ready_ms));
         let ready = Readiness {
-            ready_ms: ms(started),
+            ready_ms,
+            guest_ms,
+            added_ms: guest_ms.map(|guest| ready_ms - guest),
             hostname,
             reseeded: clone,
             hooks,

@@ -5,13 +5,14 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use vmm::disk::DiskFormat;
 
 use crate::backend::{
-    AgentError, BResult, Backend, Frozen, GuestCommand, GuestOutput, Prepare, RestoreSpec, Running,
-    VmSpec,
+    AgentError, BResult, Backend, Frozen, GuestCommand, GuestOutput, Prepare, Prepared,
+    RestoreSpec, Running, VmSpec,
 };
 use crate::model::{
     CreateEnvironment, CreateImage, EnvState, ExecRequest, HookResult, SnapshotMode,
@@ -26,8 +27,11 @@ struct Fake {
     alive: Mutex<HashSet<u32>>,
     exits: Mutex<HashMap<u32, (Arc<Notify>, String)>>,
     calls: Mutex<Vec<String>>,
-    /// What the fake agents answer `agent_prepare` with (hook results), or why they fail.
-    prepare: Mutex<Result<Vec<HookResult>, AgentError>>,
+    /// What the fake agents answer `agent_prepare` with (hook results, guest time), or why
+    /// they fail.
+    prepare: Mutex<Result<Prepared, AgentError>>,
+    /// How long the fake agents take to answer `agent_prepare`.
+    prepare_delay: Mutex<Duration>,
     /// Guest files, by (environment directory, path).
     files: Mutex<HashMap<(PathBuf, String), Vec<u8>>>,
     /// Network namespaces made and not yet removed.
@@ -41,7 +45,8 @@ impl Default for Fake {
             alive: Mutex::default(),
             exits: Mutex::default(),
             calls: Mutex::default(),
-            prepare: Mutex::new(Ok(Vec::new())),
+            prepare: Mutex::new(Ok(Prepared::default())),
+            prepare_delay: Mutex::new(Duration::ZERO),
             files: Mutex::default(),
             namespaces: Mutex::default(),
         }
@@ -165,11 +170,7 @@ impl Backend for FakeBackend {
         }
     }
 
-    async fn agent_prepare(
-        &self,
-        dir: &Path,
-        prep: &Prepare,
-    ) -> Result<Vec<HookResult>, AgentError> {
+    async fn agent_prepare(&self, dir: &Path, prep: &Prepare) -> Result<Prepared, AgentError> {
         self.0.log(format!(
             "prepare {} {} {} entropy={}",
             dir.display(),
@@ -177,6 +178,8 @@ impl Backend for FakeBackend {
             prep.identity.machine_id,
             prep.clone.as_ref().map_or(0, |c| c.entropy.len())
         ));
+        let delay = *self.0.prepare_delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
         self.0.prepare.lock().unwrap().clone()
     }
 
@@ -575,6 +578,60 @@ fn hook(name: &str, code: Option<i32>) -> HookResult {
     }
 }
 
+fn hooks(hooks: Vec<HookResult>) -> Prepared {
+    Prepared {
+        hooks,
+        guest_us: None,
+    }
+}
+
+#[tokio::test]
+async fn readiness_splits_the_guests_own_work_from_what_grove_added() {
+    let s = setup("ready-split");
+    with_image(&s).await;
+    s.orch.create_environment(boot_req("main")).await.unwrap();
+    // The agent takes 30 ms in all, 12.5 ms of it its own handling.
+    *s.fake.prepare_delay.lock().unwrap() = Duration::from_millis(30);
+    *s.fake.prepare.lock().unwrap() = Ok(Prepared {
+        hooks: Vec::new(),
+        guest_us: Some(12_500),
+    });
+    let x = s
+        .orch
+        .create_environment(branch_req("x", "main"))
+        .await
+        .unwrap();
+    let ready = x.ready.expect("ready");
+    assert!(ready.ready_ms >= 30.0, "{ready:?}");
+    assert_eq!(ready.guest_ms, Some(12.5));
+    let added = ready.added_ms.expect("added");
+    assert!((added + 12.5 - ready.ready_ms).abs() < 1e-9, "{ready:?}");
+
+    // A guest claiming more than the whole is capped: Grove's share is never negative.
+    *s.fake.prepare.lock().unwrap() = Ok(Prepared {
+        hooks: Vec::new(),
+        guest_us: Some(u64::MAX),
+    });
+    let y = s
+        .orch
+        .create_environment(branch_req("y", "main"))
+        .await
+        .unwrap();
+    let ready = y.ready.expect("ready");
+    assert_eq!(ready.guest_ms, Some(ready.ready_ms));
+    assert_eq!(ready.added_ms, Some(0.0));
+
+    // An agent that reports no times: neither figure.
+    *s.fake.prepare.lock().unwrap() = Ok(Prepared::default());
+    let z = s
+        .orch
+        .create_environment(branch_req("z", "main"))
+        .await
+        .unwrap();
+    let ready = z.ready.expect("ready");
+    assert_eq!((ready.guest_ms, ready.added_ms), (None, None));
+}
+
 #[tokio::test]
 async fn the_agent_makes_boots_and_branches_ready_and_unique() {
     let s = setup("ready");
@@ -582,7 +639,7 @@ async fn the_agent_makes_boots_and_branches_ready_and_unique() {
     let main = s.orch.create_environment(boot_req("main")).await.unwrap();
     let ready = main.ready.expect("a boot waits for the agent");
     assert_eq!((ready.hostname.as_str(), ready.reseeded), ("main", false));
-    *s.fake.prepare.lock().unwrap() = Ok(vec![hook("10-scrub", Some(0))]);
+    *s.fake.prepare.lock().unwrap() = Ok(hooks(vec![hook("10-scrub", Some(0))]));
     let x = s
         .orch
         .create_environment(branch_req("Feature/X_1", "main"))
@@ -630,7 +687,10 @@ async fn a_clone_that_cannot_be_made_ready_is_not_kept() {
     with_image(&s).await;
     s.orch.create_environment(boot_req("main")).await.unwrap();
 
-    *s.fake.prepare.lock().unwrap() = Ok(vec![hook("10-ok", Some(0)), hook("20-scrub", Some(1))]);
+    *s.fake.prepare.lock().unwrap() = Ok(hooks(vec![
+        hook("10-ok", Some(0)),
+        hook("20-scrub", Some(1)),
+    ]));
     let e = s
         .orch
         .create_environment(branch_req("x", "main"))

@@ -57,8 +57,8 @@ pub trait Service: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<u8>>> + Send;
 
-    /// Types `input` on the environment's console (the guest's serial input). Until the
-    /// guest agent exists this is how a caller drives a guest.
+    /// Types `input` on the environment's console (the guest's serial input), for debugging;
+    /// callers drive a guest through its agent ([`Self::exec`] and the file operations).
     fn console_input(&self, name: &str, input: Vec<u8>) -> impl Future<Output = Result<()>> + Send {
         let _ = (name, input);
         async { Err(ApiError::not_found("console input is not supported here")) }

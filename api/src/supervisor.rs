@@ -13,7 +13,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
@@ -23,17 +23,15 @@ use vmm::control::protocol::{Request, Response, SnapshotRequest};
 use vmm::disk::{DiskFormat, LayerRecord};
 use vmm::{DiskConfig, VmConfig};
 
-use agent::protocol::{
-    ClockRequest, IdentityRequest, Request as AgentRequest, ReseedRequest,
-    Response as AgentResponse, RunHooksRequest,
-};
-
 use crate::backend::{
-    AgentError, Backend, Frozen, GuestCommand, GuestOutput, Prepare, RestoreSpec, Running, VmSpec,
-    MAX_EXEC_OUTPUT,
+    AgentError, Backend, Frozen, GuestCommand, GuestOutput, Prepare, Prepared, RestoreSpec,
+    Running, VmSpec, MAX_EXEC_OUTPUT,
+};
+use crate::guest_agent::{
+    agent_error, connect as connect_agent, AGENT_CONNECT_TIMEOUT, AGENT_IO_TIMEOUT,
 };
 use crate::jail::{JailSettings, VmFiles};
-use crate::model::{HookResult, SnapshotMode};
+use crate::model::SnapshotMode;
 use crate::network::{self, EnvNetwork};
 
 pub const DISK: &str = "disk.qcow2";
@@ -560,54 +558,10 @@ impl Backend for Supervisor {
         }
     }
 
-    async fn agent_prepare(
-        &self,
-        dir: &Path,
-        prep: &Prepare,
-    ) -> Result<Vec<HookResult>, AgentError> {
+    async fn agent_prepare(&self, dir: &Path, prep: &Prepare) -> Result<Prepared, AgentError> {
         let socket = dir.join(VSOCK);
         let prep = prep.clone();
-        blocking(move || {
-            let mut agent = connect_agent(&socket, prep.timeout)?;
-            // Every step in one pipelined round trip (the agent applies them in order).
-            let mut requests = Vec::new();
-            if let Some(clone) = &prep.clone {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_err(|e| AgentError::Unavailable(format!("host clock: {e}")))?;
-                requests.push(AgentRequest::Reseed(ReseedRequest {
-                    entropy: clone.entropy.clone(),
-                }));
-                requests.push(AgentRequest::Clock(ClockRequest {
-                    unix_nanos: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
-                }));
-            }
-            requests.push(AgentRequest::Identity(IdentityRequest {
-                hostname: prep.identity.hostname.clone(),
-                machine_id: prep.identity.machine_id.clone(),
-                address: None,
-            }));
-            if prep.clone.is_some() {
-                requests.push(AgentRequest::RunHooks(RunHooksRequest { timeout_ms: None }));
-                // Hooks may take a while each: the agent limits every one (60 s by default).
-                agent
-                    .set_timeout(Some(HOOKS_SILENCE))
-                    .map_err(agent_error)?;
-            }
-            let answers = agent.pipeline(&requests).map_err(agent_error)?;
-            Ok(match answers.into_iter().last() {
-                Some(AgentResponse::Hooks { results }) => results
-                    .into_iter()
-                    .map(|h| HookResult {
-                        name: h.name,
-                        exit_code: if h.timed_out { None } else { h.code },
-                        output: h.output,
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            })
-        })
-        .await
+        blocking(move || crate::guest_agent::prepare(&socket, &prep)).await
     }
 
     async fn agent_exec(&self, dir: &Path, cmd: GuestCommand) -> Result<GuestOutput, AgentError> {
@@ -688,13 +642,6 @@ impl Backend for Supervisor {
     }
 }
 
-/// How long a request to a running guest's agent waits for it to answer at first.
-const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest silence accepted on an agent connection (beyond a command's own timeout).
-const AGENT_IO_TIMEOUT: Duration = Duration::from_secs(30);
-/// The longest silence accepted while the post-clone hooks run (the agent limits each hook).
-const HOOKS_SILENCE: Duration = Duration::from_secs(3600);
-
 /// Runs blocking agent I/O off the async runtime.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
@@ -702,45 +649,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(AgentError::Unavailable(format!("agent task failed: {e}"))))
-}
-
-/// An agent error the caller should hear about, or the agent being unreachable.
-fn agent_error(e: agent::client::ClientError) -> AgentError {
-    match e.agent_error() {
-        Some(info) => AgentError::Guest {
-            code: serde_json::to_value(info.code)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_else(|| "error".to_string()),
-            message: info.message.clone(),
-        },
-        None => AgentError::Unavailable(e.to_string()),
-    }
-}
-
-/// Connects to the agent through the VM's vsock socket and pings it, retrying every 10 ms
-/// while the socket is missing or the agent is not listening yet, for at most `wait`.
-fn connect_agent(
-    socket: &Path,
-    wait: Duration,
-) -> Result<agent::client::Client<std::os::unix::net::UnixStream>, AgentError> {
-    use agent::client::{Client, ClientError};
-    let deadline = Instant::now() + wait;
-    loop {
-        let attempt = Client::connect_uds(socket, agent::AGENT_PORT, AGENT_IO_TIMEOUT)
-            .and_then(|mut c| c.ping().map(|_| c));
-        match attempt {
-            Ok(client) => return Ok(client),
-            Err(e @ ClientError::Agent { .. }) => return Err(agent_error(e)),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(AgentError::Unavailable(format!(
-                    "{e} (still, after {:.0} s)",
-                    wait.as_secs_f64()
-                )))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
 }
 
 /// An error and its causes, `: `-separated.

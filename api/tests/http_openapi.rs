@@ -245,6 +245,8 @@ fn port() -> PublishedPort {
 fn readiness() -> Readiness {
     Readiness {
         ready_ms: 1.0,
+        guest_ms: Some(0.75),
+        added_ms: Some(0.25),
         hostname: "h".into(),
         reseeded: true,
         hooks: vec![HookResult {

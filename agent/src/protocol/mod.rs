@@ -77,6 +77,10 @@ pub enum Request {
     Clock(ClockRequest),
     /// Run the post-clone hooks; answered with [`Response::Hooks`].
     RunHooks(RunHooksRequest),
+    /// From this answer on, end every answer on this connection with
+    /// [`HANDLED_US_FIELD`] (see [`Answer`]); answered with `ok`. An agent older than this
+    /// request answers `bad_request` and reports no times: that is how a host tells.
+    ReportTiming {},
 }
 
 impl Request {
@@ -91,6 +95,7 @@ impl Request {
             Self::Reseed(_) => "reseed",
             Self::Clock(_) => "clock",
             Self::RunHooks(_) => "run_hooks",
+            Self::ReportTiming {} => "report_timing",
         }
     }
 }
@@ -336,6 +341,24 @@ pub enum ErrorCode {
     Io,
 }
 
+/// The field the agent adds to the last frame of each answer once a connection asked for
+/// it with [`Request::ReportTiming`]: microseconds from the request's frame fully read to
+/// the answer ready to send, i.e. the agent's own handling time.
+pub const HANDLED_US_FIELD: &str = "handled_us";
+
+/// A response with the agent's handling time, when it reported one.
+///
+/// `handled_us` lives next to `"op"` on the wire (like `"v"` in a request) rather than in
+/// each response type, and is only sent to a host that asked for it: hosts older than the
+/// field reject unknown fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub response: Response,
+    /// Microseconds from the request's frame fully read to this answer ready to send; only
+    /// on the last frame of an answer (not on `output`), and only after `report_timing`.
+    pub handled_us: Option<u64>,
+}
+
 /// Reads one frame. `Ok(None)` means the peer closed the connection cleanly between
 /// frames; a close inside a frame is [`ProtocolError::Truncated`]. Short reads are
 /// continued; a length above [`MAX_FRAME_BYTES`] is refused before reading the body.
@@ -377,15 +400,33 @@ pub fn read_frame(reader: &mut impl Read) -> Result<Option<Vec<u8>>, ProtocolErr
 
 /// Writes one frame (header and body in one write call where the stream allows).
 pub fn write_frame(writer: &mut impl Write, body: &[u8]) -> Result<(), ProtocolError> {
+    let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
+    append_frame(&mut frame, body)?;
+    writer.write_all(&frame).map_err(ProtocolError::Io)?;
+    writer.flush().map_err(ProtocolError::Io)
+}
+
+/// Appends one frame (header and body) to `out`, to be written later together with others.
+pub fn append_frame(out: &mut Vec<u8>, body: &[u8]) -> Result<(), ProtocolError> {
     if body.len() > MAX_FRAME_BYTES {
         return Err(ProtocolError::FrameTooLarge(body.len()));
     }
-    let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
     // Cannot truncate: the length is at most MAX_FRAME_BYTES.
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(body);
-    writer.write_all(&frame).map_err(ProtocolError::Io)?;
-    writer.flush().map_err(ProtocolError::Io)
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    Ok(())
+}
+
+/// Whether `buffered` starts with a whole frame, or with a header whose length is already
+/// known to be too large: reading the next frame from it needs no more input.
+pub fn starts_with_frame(buffered: &[u8]) -> bool {
+    let Some(header) = buffered.get(..FRAME_HEADER_BYTES) else {
+        return false;
+    };
+    let mut len = [0u8; FRAME_HEADER_BYTES];
+    len.copy_from_slice(header);
+    let len = u32::from_be_bytes(len) as usize;
+    len > MAX_FRAME_BYTES || buffered.len() - FRAME_HEADER_BYTES >= len
 }
 
 /// Sends any serialisable message as one frame.
@@ -445,9 +486,51 @@ pub fn send_response(writer: &mut impl Write, response: &Response) -> Result<(),
     send(writer, response)
 }
 
-/// Receives a response; `Ok(None)` on a clean close.
+/// Encodes a response, with [`HANDLED_US_FIELD`] when `handled_us` is given.
+pub fn encode_response(
+    response: &Response,
+    handled_us: Option<u64>,
+) -> Result<Vec<u8>, ProtocolError> {
+    let Some(handled_us) = handled_us else {
+        return serde_json::to_vec(response).map_err(ProtocolError::Encode);
+    };
+    let mut value = serde_json::to_value(response).map_err(ProtocolError::Encode)?;
+    let object = value.as_object_mut().ok_or(ProtocolError::NotAnObject)?;
+    object.insert(HANDLED_US_FIELD.to_owned(), handled_us.into());
+    serde_json::to_vec(&value).map_err(ProtocolError::Encode)
+}
+
+/// Decodes a response frame and the agent's handling time if it carries one (a
+/// [`HANDLED_US_FIELD`] that is not a whole number is an error, like any bad field).
+pub fn decode_answer(body: &[u8]) -> Result<Answer, ProtocolError> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(ProtocolError::Decode)?;
+    let serde_json::Value::Object(mut object) = value else {
+        return Err(ProtocolError::NotAnObject);
+    };
+    let handled_us = match object.remove(HANDLED_US_FIELD) {
+        None => None,
+        Some(value) => Some(u64::deserialize(value).map_err(ProtocolError::Decode)?),
+    };
+    let response =
+        Response::deserialize(serde_json::Value::Object(object)).map_err(ProtocolError::Decode)?;
+    Ok(Answer {
+        response,
+        handled_us,
+    })
+}
+
+/// Receives a response with the agent's handling time, if any; `Ok(None)` on a clean close.
+pub fn recv_answer(reader: &mut impl Read) -> Result<Option<Answer>, ProtocolError> {
+    match read_frame(reader)? {
+        Some(body) => decode_answer(&body).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Receives a response (a handling time on it is accepted and dropped); `Ok(None)` on a
+/// clean close.
 pub fn recv_response(reader: &mut impl Read) -> Result<Option<Response>, ProtocolError> {
-    recv(reader)
+    Ok(recv_answer(reader)?.map(|answer| answer.response))
 }
 
 #[cfg(test)]

@@ -141,6 +141,7 @@ fn all_requests() -> Vec<Request> {
             unix_nanos: 1_767_225_600_123_456_789,
         }),
         Request::RunHooks(RunHooksRequest::default()),
+        Request::ReportTiming {},
     ]
 }
 
@@ -291,4 +292,70 @@ fn responses_round_trip() {
     ] {
         assert!(serde_json::from_str::<Response>(text).is_err(), "{text}");
     }
+}
+
+#[test]
+fn handling_time_rides_next_to_the_op_and_only_when_given() {
+    let exit = Response::Exit(ExitStatus {
+        code: Some(0),
+        signal: None,
+        timed_out: false,
+    });
+    // Without a time the body is exactly what hosts older than the field accept.
+    let plain = encode_response(&exit, None).expect("encode");
+    assert_eq!(
+        serde_json::from_slice::<Response>(&plain).expect("strict"),
+        exit
+    );
+    let timed = encode_response(&exit, Some(1234)).expect("encode");
+    let value: serde_json::Value = serde_json::from_slice(&timed).expect("json");
+    assert_eq!(value[HANDLED_US_FIELD], 1234, "{value}");
+    assert_eq!(value["op"], "exit", "{value}");
+    assert!(
+        serde_json::from_slice::<Response>(&timed).is_err(),
+        "strict hosts reject it"
+    );
+    assert_eq!(
+        decode_answer(&timed).expect("decode"),
+        Answer {
+            response: exit.clone(),
+            handled_us: Some(1234)
+        }
+    );
+    assert_eq!(decode_answer(&plain).expect("decode").handled_us, None);
+    // recv_response accepts the field and drops it.
+    let mut wire = Vec::new();
+    write_frame(&mut wire, &timed).expect("frame");
+    assert_eq!(
+        recv_response(&mut Cursor::new(wire)).expect("recv"),
+        Some(exit)
+    );
+    for text in [
+        r#"{"op":"ok","handled_us":-1}"#,
+        r#"{"op":"ok","handled_us":"5"}"#,
+        r#"{"op":"ok","handled_us":1.5}"#,
+        r#"{"op":"ok","handled_us":5,"extra":1}"#,
+    ] {
+        assert!(decode_answer(text.as_bytes()).is_err(), "{text}");
+    }
+}
+
+#[test]
+fn whole_frames_are_recognised_in_a_buffer() {
+    let two = framed(&[b"{}", b"[1]"]);
+    assert!(starts_with_frame(&two));
+    assert!(starts_with_frame(&two[..6]), "exactly one frame");
+    assert!(!starts_with_frame(&two[..5]), "body incomplete");
+    assert!(!starts_with_frame(&two[..3]), "header incomplete");
+    assert!(!starts_with_frame(&[]));
+    assert!(starts_with_frame(&framed(&[b""])), "an empty body is whole");
+    let huge = (MAX_FRAME_BYTES as u32 + 1).to_be_bytes();
+    assert!(
+        starts_with_frame(&huge),
+        "too large is known without the body"
+    );
+    let mut out = Vec::new();
+    append_frame(&mut out, b"{}").expect("append");
+    append_frame(&mut out, b"[1]").expect("append");
+    assert_eq!(out, two);
 }

@@ -610,7 +610,7 @@ fn connect_uds_times_out_on_a_silent_vmm() {
 }
 
 #[test]
-fn pipelined_requests_are_answered_in_order() {
+fn pipelined_requests_are_answered_in_order_with_handling_times() {
     use crate::protocol::{ClockRequest, ReseedRequest, Response, RunHooksRequest};
     let (fixture, stream) = Fixture::start(true);
     let mut client = Client::connect_stream(stream);
@@ -625,15 +625,25 @@ fn pipelined_requests_are_answered_in_order() {
             Request::RunHooks(RunHooksRequest { timeout_ms: None }),
         ])
         .expect("pipeline");
+    let responses: Vec<&Response> = answers.iter().map(|a| &a.response).collect();
     assert_eq!(answers.len(), 5);
-    assert!(matches!(answers[0], Response::Pong(_)), "{answers:?}");
-    assert!(matches!(answers[1], Response::Ok {}), "{answers:?}");
-    assert!(matches!(answers[2], Response::Ok {}), "{answers:?}");
-    assert!(matches!(answers[3], Response::Ok {}), "{answers:?}");
-    assert!(matches!(answers[4], Response::Hooks { .. }), "{answers:?}");
+    assert!(matches!(responses[0], Response::Pong(_)), "{answers:?}");
+    assert!(matches!(responses[1], Response::Ok {}), "{answers:?}");
+    assert!(matches!(responses[2], Response::Ok {}), "{answers:?}");
+    assert!(matches!(responses[3], Response::Ok {}), "{answers:?}");
+    assert!(
+        matches!(responses[4], Response::Hooks { .. }),
+        "{answers:?}"
+    );
+    assert!(
+        answers.iter().all(|a| a.handled_us.is_some()),
+        "{answers:?}"
+    );
     let calls = fixture.recorder.calls();
     assert_eq!(calls[0], Call::Entropy(vec![7; 16]));
     assert_eq!(calls[1], Call::Clock(5));
+    // Requests after the pipeline on the same connection keep working.
+    client.ping().expect("ping after a pipeline");
     // An error answer ends the pipeline with that error.
     let error = client
         .pipeline(&[
@@ -647,4 +657,251 @@ fn pipelined_requests_are_answered_in_order() {
         error.agent_error().map(|e| e.code),
         Some(ErrorCode::InvalidArgument)
     );
+}
+
+#[test]
+fn handling_time_covers_the_work_and_only_the_last_frame_carries_it() {
+    let (mut fixture, mut stream) = Fixture::start(false);
+    // Not asked for: no time, so hosts that reject unknown fields are served as before.
+    write_frame(&mut stream, br#"{"v":1,"op":"ping"}"#).expect("send");
+    let body = read_frame(&mut stream).expect("read").expect("frame");
+    assert!(
+        serde_json::from_slice::<Response>(&body).is_ok(),
+        "strict decode"
+    );
+
+    crate::protocol::send_request(&mut stream, &Request::ReportTiming {}).expect("send");
+    let answer = crate::protocol::recv_answer(&mut stream)
+        .expect("read")
+        .expect("frame");
+    assert_eq!(answer.response, Response::Ok {});
+    assert!(answer.handled_us.is_some(), "from its own answer on");
+
+    // A command that sleeps 300 ms: the exit carries at least that, the output nothing.
+    crate::protocol::send_request(
+        &mut stream,
+        &Request::Exec(ExecRequest {
+            argv: argv(&["sh", "-c", "echo hi; sleep 0.3"]),
+            ..ExecRequest::default()
+        }),
+    )
+    .expect("send exec");
+    let mut times = Vec::new();
+    loop {
+        let answer = crate::protocol::recv_answer(&mut stream)
+            .expect("read")
+            .expect("frame");
+        times.push((answer.response.op(), answer.handled_us));
+        if answer.response.op() == "exit" {
+            break;
+        }
+    }
+    assert_eq!(times[0], ("output", None), "{times:?}");
+    let (op, exit_us) = times[times.len() - 1];
+    assert_eq!(op, "exit");
+    assert!(exit_us.is_some_and(|us| us >= 300_000), "{times:?}");
+    // Errors are answers too.
+    write_frame(&mut stream, b"garbage").expect("send");
+    let answer = crate::protocol::recv_answer(&mut stream)
+        .expect("read")
+        .expect("frame");
+    assert!(
+        matches!(answer.response, Response::Error(_)) && answer.handled_us.is_some(),
+        "{answer:?}"
+    );
+    drop(stream);
+    fixture.finish().expect("clean close");
+}
+
+/// A stream whose input is given up front and whose writes are recorded one by one; its
+/// descriptor (for the hang-up watch) is a pipe that never hangs up.
+struct Recorded {
+    input: std::io::Cursor<Vec<u8>>,
+    writes: Arc<Mutex<Vec<Vec<u8>>>>,
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Read for Recorded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl Write for Recorded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.writes.lock().expect("lock").push(buf.to_vec());
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsFd for Recorded {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+fn recorded(input: Vec<u8>) -> (Recorded, Arc<Mutex<Vec<Vec<u8>>>>, UnixStream) {
+    let (fd, keep) = UnixStream::pair().expect("pair");
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let stream = Recorded {
+        input: std::io::Cursor::new(input),
+        writes: Arc::clone(&writes),
+        fd: fd.into(),
+    };
+    (stream, writes, keep)
+}
+
+fn frames_of(requests: &[Request]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for request in requests {
+        crate::protocol::send_request(&mut out, request).expect("encode");
+    }
+    out
+}
+
+#[test]
+fn pipelined_answers_leave_in_one_write() {
+    use crate::protocol::{ClockRequest, ReseedRequest};
+    let input = frames_of(&[
+        Request::ReportTiming {},
+        Request::Ping {},
+        Request::Reseed(ReseedRequest { entropy: vec![1] }),
+        Request::Clock(ClockRequest { unix_nanos: 1 }),
+        Request::Identity(identity(None)),
+    ]);
+    let (stream, writes, _keep) = recorded(input);
+    Agent::new("/", Some(Box::new(Recorder::default())))
+        .serve(stream)
+        .expect("serve");
+    let writes = writes.lock().expect("lock").clone();
+    // report_timing's answer at once, then one write for the four others.
+    assert_eq!(writes.len(), 2, "{writes:?}");
+    let ops: Vec<Vec<&str>> = writes
+        .iter()
+        .map(|w| {
+            let mut wire = std::io::Cursor::new(w.as_slice());
+            let mut ops = Vec::new();
+            while let Some(answer) = crate::protocol::recv_answer(&mut wire).expect("answer") {
+                assert!(answer.handled_us.is_some(), "{answer:?}");
+                ops.push(answer.response.op());
+            }
+            ops
+        })
+        .collect();
+    assert_eq!(ops, [vec!["ok"], vec!["pong", "ok", "ok", "ok"]]);
+}
+
+#[test]
+fn exec_output_streams_while_answers_wait_for_the_pipeline() {
+    let input = frames_of(&[
+        Request::Ping {},
+        Request::Exec(ExecRequest {
+            argv: argv(&["echo", "now"]),
+            ..ExecRequest::default()
+        }),
+        Request::Ping {},
+    ]);
+    let (stream, writes, _keep) = recorded(input);
+    Agent::new("/", None).serve(stream).expect("serve");
+    let writes = writes.lock().expect("lock").clone();
+    let ops: Vec<Vec<&str>> = writes
+        .iter()
+        .map(|w| {
+            let mut wire = std::io::Cursor::new(w.as_slice());
+            let mut ops = Vec::new();
+            while let Some(r) = recv_response(&mut wire).expect("answer") {
+                ops.push(r.op());
+            }
+            ops
+        })
+        .collect();
+    // The pong waits for the output, which is written at once; exit and the last pong
+    // leave together at the end.
+    assert_eq!(ops, [vec!["pong", "output"], vec!["exit", "pong"]]);
+}
+
+#[test]
+fn answers_are_not_held_back_while_the_next_request_is_incomplete() {
+    let (mut fixture, mut stream) = Fixture::start(false);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // A ping and the first half of another, in one write.
+    let mut bytes = frames_of(&[Request::Ping {}, Request::Ping {}]);
+    let half = bytes.split_off(bytes.len() - 5);
+    stream.write_all(&bytes).expect("send");
+    assert!(matches!(raw_response(&mut stream), Response::Pong(_)));
+    stream.write_all(&half).expect("rest");
+    assert!(matches!(raw_response(&mut stream), Response::Pong(_)));
+    drop(stream);
+    fixture.finish().expect("clean close");
+}
+
+#[test]
+fn a_host_pipeline_works_with_an_agent_that_reports_no_times() {
+    // An agent from before `report_timing`: it rejects the op as a bad request and answers
+    // the rest without times.
+    let (ours, mut theirs) = UnixStream::pair().expect("pair");
+    let old_agent = std::thread::spawn(move || {
+        while let Some(body) = read_frame(&mut theirs).expect("frame") {
+            let value: serde_json::Value = serde_json::from_slice(&body).expect("json");
+            let response = match value["op"].as_str() {
+                Some("report_timing") => {
+                    Response::error(ErrorCode::BadRequest, "unknown variant `report_timing`")
+                }
+                Some("ping") => Response::Pong(Pong {
+                    version: 1,
+                    agent_version: "0.0.1".into(),
+                }),
+                _ => Response::Ok {},
+            };
+            crate::protocol::send_response(&mut theirs, &response).expect("answer");
+        }
+    });
+    let mut client = Client::connect_stream(ours);
+    let answers = client
+        .pipeline(&[
+            Request::Ping {},
+            Request::Clock(crate::protocol::ClockRequest { unix_nanos: 1 }),
+        ])
+        .expect("pipeline");
+    assert_eq!(answers.len(), 2);
+    assert!(matches!(answers[0].response, Response::Pong(_)));
+    assert!(
+        answers.iter().all(|a| a.handled_us.is_none()),
+        "{answers:?}"
+    );
+    drop(client);
+    old_agent.join().expect("old agent");
+}
+
+#[test]
+fn connect_uds_with_sends_the_pipeline_with_the_connect_line() {
+    let temp = TempDir::new("uds-early");
+    let path = temp.path().join("v.sock");
+    let vmm = fake_vmm(&path, true);
+    let pipeline =
+        crate::client::Pipeline::new(&[Request::Ping {}, Request::Ping {}]).expect("pipeline");
+    assert_eq!(pipeline.len(), 2);
+    let mut client = Client::connect_uds_with(
+        &path,
+        crate::AGENT_PORT,
+        Duration::from_secs(10),
+        pipeline.bytes(),
+    )
+    .expect("connect");
+    let answers = client.answers(&pipeline).expect("answers");
+    assert!(
+        answers
+            .iter()
+            .all(|a| matches!(a.response, Response::Pong(_)) && a.handled_us.is_some()),
+        "{answers:?}"
+    );
+    drop(client);
+    assert_eq!(vmm.join().expect("vmm"), "CONNECT 52");
+    let exec = crate::client::Pipeline::new(&[Request::Exec(ExecRequest::default())]);
+    assert!(matches!(exec, Err(ClientError::Unexpected { .. })));
 }

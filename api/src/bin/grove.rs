@@ -732,8 +732,14 @@ async fn exec(client: &Client, name: &str, req: &ExecRequest) -> anyhow::Result<
 fn readiness(ready: Option<&Readiness>) -> String {
     match ready {
         Some(r) => {
+            let split = match (r.guest_ms, r.added_ms) {
+                (Some(guest), Some(added)) => {
+                    format!(" (guest's own work {guest:.1} ms, added by Grove {added:.1} ms)")
+                }
+                _ => String::new(),
+            };
             let mut text = format!(
-                "  ready after {:.1} ms more: hostname {}{}",
+                "  ready after {:.1} ms more{split}: hostname {}{}",
                 r.ready_ms,
                 r.hostname,
                 if r.reseeded {
@@ -1026,6 +1032,29 @@ mod tests {
             Some(serde)
         );
         assert!(pretty_json(b"{\"a\":").is_err());
+    }
+
+    #[test]
+    fn readiness_line_shows_the_guests_work_and_grove_s_share() {
+        let mut ready = Readiness {
+            ready_ms: 40.25,
+            guest_ms: Some(30.0),
+            added_ms: Some(10.25),
+            hostname: "feature-x".into(),
+            reseeded: true,
+            hooks: Vec::new(),
+        };
+        assert_eq!(
+            readiness(Some(&ready)),
+            "  ready after 40.2 ms more (guest's own work 30.0 ms, added by Grove 10.2 ms): \
+             hostname feature-x, reseeded, clock set\n"
+        );
+        (ready.guest_ms, ready.added_ms) = (None, None);
+        assert_eq!(
+            readiness(Some(&ready)),
+            "  ready after 40.2 ms more: hostname feature-x, reseeded, clock set\n"
+        );
+        assert_eq!(readiness(None), "");
     }
 
     #[test]
