@@ -4,13 +4,17 @@
 //! - `boot`: VMM start to the guest init's write to the boot-complete port (0x3f0), and to
 //!   the VMM's exit after the guest's immediate reset (`grove.bench=boot`).
 //! - `memory`: the VMM's own memory: resident set minus the guest memory the guest touched.
-//! - `snapshot`, `restore`: snapshot creation, restore latency and clone memory.
+//! - `snapshot`: live against paused snapshots per guest size and dirty rate (`live.rs`).
+//! - `uffd-wp`: the cost of the userfaultfd write-protect alternative (`uffd.rs`).
+//! - `restore`: restore latency and clone memory.
 //! - `disk-branch`, `disk-io`: branching a qcow2 disk, and in-guest disk throughput of raw,
 //!   qcow2 and a qcow2 chain (`disk.rs`).
 //! - `api-branch`: branching a running environment through `groved`'s API (`api.rs`).
 
 mod api;
 mod disk;
+mod live;
+mod uffd;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -21,7 +25,7 @@ use grove_integration::{
     boot_time_ms, build_release_vmm, images, TempDir, VmProcess, BOOT_TIMEOUT,
 };
 use vmm::control::client::ControlClient;
-use vmm::control::protocol::{Request, Response, SnapshotInfo, SnapshotRequest};
+use vmm::control::protocol::{Request, Response, SnapshotInfo, SnapshotMode, SnapshotRequest};
 
 #[derive(Parser)]
 #[command(name = "grove-bench", about = "Grove benchmarks")]
@@ -53,11 +57,18 @@ enum Bench {
         #[arg(long, default_value_t = 128)]
         memory: u64,
     },
-    /// Snapshot creation time and pause length of the running default image, per guest size.
+    /// Pause length and total time of live and paused snapshots of the running default
+    /// image, per guest size and per rate at which the guest dirties memory.
     Snapshot {
         /// Guest sizes in MiB.
-        #[arg(long, value_delimiter = ',', default_value = "128,512,1024")]
+        #[arg(long, value_delimiter = ',', default_value = "128,512,1024,2048")]
         sizes: Vec<u64>,
+        /// Dirty rates in MiB/s (0: idle).
+        #[arg(long, value_delimiter = ',', default_value = "0,10,100")]
+        rates: Vec<u64>,
+        /// Snapshots per size, rate and mode.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
     },
     /// Restore latency (process start -> vCPUs running, -> first guest console output) and
     /// the resident memory of concurrent clones of one snapshot.
@@ -89,6 +100,17 @@ enum Bench {
         /// costs ~12 ms in the guest here, so 16 MiB takes ~15 minutes in all).
         #[arg(long, default_value_t = 16)]
         size_mib: u64,
+    },
+    /// The userfaultfd write-protect alternative to pre-copy, on plain memory: the time to
+    /// write-protect a guest-sized mapping (in the pause) and one write fault's round trip
+    /// through a copying handler (after it).
+    UffdWp {
+        /// Memory sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "128,512,1024,2048")]
+        sizes: Vec<u64>,
+        /// Write faults timed per size.
+        #[arg(long, default_value_t = 2000)]
+        faults: usize,
     },
     /// Branch a running environment through groved's API: the request's time beyond the
     /// parent's snapshot pause, and the clone's restore.
@@ -275,49 +297,28 @@ fn control(sock: &Path) -> anyhow::Result<ControlClient> {
     }
 }
 
+/// A full snapshot of the VM behind `client`, which runs on afterwards.
 fn take_snapshot(client: &mut ControlClient, dir: &Path) -> anyhow::Result<SnapshotInfo> {
+    take_snapshot_mode(client, dir, SnapshotMode::Paused)
+}
+
+/// A full snapshot taken in `mode`; the VM runs on afterwards.
+fn take_snapshot_mode(
+    client: &mut ControlClient,
+    dir: &Path,
+    mode: SnapshotMode,
+) -> anyhow::Result<SnapshotInfo> {
     let req = SnapshotRequest {
         dir: dir.to_path_buf(),
         kind: Default::default(),
         parent: None,
         resume: true,
-        mode: Default::default(),
+        mode,
     };
     match client.request(Request::Snapshot(req))? {
         Response::Snapshot(info) => Ok(info),
         other => bail!("snapshot failed: {other:?}"),
     }
-}
-
-fn bench_snapshot(vmm: &Path, sizes: &[u64]) -> anyhow::Result<()> {
-    let work = TempDir::new("bench-snapshot");
-    println!("host: {}", host_description());
-    for &mib in sizes {
-        let sock = work.path().join(format!("vm{mib}.sock"));
-        let mut vm = boot_default(vmm, mib, Some(&sock), &[])?;
-        // A freshly booted guest: filling its memory from inside would take many minutes
-        // under PVM's emulated kernel, so untouched RAM stays zero (holes in the file).
-        let _ = &mut vm;
-        let mut client = control(&sock)?;
-        let info = take_snapshot(&mut client, &work.path().join(format!("snap{mib}")))?;
-        println!(
-            "{mib} MiB guest (freshly booted): snapshot {:.1} ms total, VM paused {:.1} ms, memory file {} MiB",
-            info.total_ms,
-            info.pause_ms,
-            info.memory_bytes >> 20
-        );
-        let _ = client.request(Request::Shutdown);
-        let _ = vm.wait_exit(Duration::from_secs(60));
-    }
-    println!(
-        "reproduce: cargo run --release -p grove-benches -- snapshot --sizes {}",
-        sizes
-            .iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    Ok(())
 }
 
 /// Parses "vCPUs running: X ms after VMM start".
@@ -427,8 +428,9 @@ fn main() -> anyhow::Result<()> {
         Bench::Memory { memory } => bench_memory(&vmm, memory),
         Bench::DiskBranch { sizes_gib, runs } => disk::bench_disk_branch(&vmm, &sizes_gib, runs),
         Bench::DiskIo { size_mib } => disk::bench_disk_io(&vmm, size_mib),
+        Bench::UffdWp { sizes, faults } => uffd::bench_uffd_wp(&sizes, faults),
         Bench::ApiBranch { runs, memory } => api::bench_api_branch(runs, memory),
-        Bench::Snapshot { sizes } => bench_snapshot(&vmm, &sizes),
+        Bench::Snapshot { sizes, rates, runs } => live::bench_snapshot(&vmm, &sizes, &rates, runs),
         Bench::Restore {
             runs,
             clones,
