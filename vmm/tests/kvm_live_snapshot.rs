@@ -35,6 +35,9 @@ fn dirty_guest(memory_mib: u64, track: bool) -> Vmm {
     let mut c = VmConfig::new(env!("GROVE_TEST_GUEST"));
     c.cmdline = Some("test=dirty".into());
     c.memory_mib = memory_mib;
+    // Two vCPUs (the second waits for a SIPI that never comes): a snapshot of a VM of
+    // several vCPUs restores on the host that took it.
+    c.vcpus = 2;
     c.rng = false;
     c.track_dirty_pages = track;
     let vm = vmm::builder::build_and_start_with(

@@ -30,11 +30,12 @@ const FEATURE_REGS: &[(u32, u32, &str, usize)] = &[
 ];
 
 /// Bits KVM sets at run time whatever it supports (OSXSAVE, APIC enable, hypervisor,
-/// OSPKE): never a reason to refuse.
+/// OSPKE), and HTT, which the VMM sets for a VM of several vCPUs (topology, not a feature
+/// of the host): never a reason to refuse.
 fn runtime_bits(leaf: u32, reg: usize) -> u32 {
     match (leaf, reg) {
         (1, 2) => (1 << 27) | (1 << 31),
-        (1, 3) => 1 << 9,
+        (1, 3) => (1 << 9) | (1 << 28),
         (7, 2) => 1 << 4,
         _ => 0,
     }
