@@ -14,6 +14,9 @@
 //! - [`vsock`]: the `AF_VSOCK` listener of the guest binary.
 
 pub mod client;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod protocol;
 pub mod server;
 pub mod system;
