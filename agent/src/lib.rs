@@ -15,6 +15,9 @@
 //! - [`workers`]: the guest binary's pre-started connection threads.
 
 pub mod client;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod protocol;
 pub mod server;
 pub mod system;

@@ -14,6 +14,9 @@ pub mod devices;
 pub mod disk;
 pub mod event_loop;
 pub mod exit;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod jail;
 pub mod runtime;
 pub mod seccomp;

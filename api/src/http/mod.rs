@@ -50,6 +50,9 @@
 mod auth;
 mod bind;
 mod body;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod handlers;
 mod metrics;
 mod routes;

@@ -448,6 +448,46 @@ fn truncate(s: &str, max: usize) -> String {
     format!("{}...", &s[..end])
 }
 
+/// Fuzz entry point (`fuzzing` feature, docs/fuzzing.md): `input` is what one client sends,
+/// fed through a socket pair to the connection code the server runs (reading, framing,
+/// parsing, answering, back-pressure) as fast as the socket takes it, with a handler that
+/// answers every well-formed request with an error echoing it.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_control_server(input: &[u8]) {
+    struct Echo;
+    impl ControlHandler for Echo {
+        fn handle(&self, request: protocol::Request) -> Response {
+            Response::error(ErrorCode::Failed, format!("{request:?}"))
+        }
+    }
+    let Ok((server_end, mut client)) = UnixStream::pair() else {
+        return;
+    };
+    if server_end.set_nonblocking(true).is_err() || client.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut conn = Connection::new(server_end);
+    let mut sent = 0;
+    let mut events = EventSet::IN;
+    let mut sink = vec![0u8; 64 * 1024];
+    // Every round moves input or output along, or the connection ends: this bound is far above
+    // what the largest input needs.
+    for _ in 0..input.len() / 1024 + 64 {
+        if sent < input.len() {
+            if let Ok(n) = client.write(&input[sent..]) {
+                sent += n;
+            }
+        } else {
+            let _ = client.shutdown(std::net::Shutdown::Write);
+        }
+        match conn.service(events, &Echo) {
+            Next::Close => return,
+            Next::Wait(next) => events = next,
+        }
+        while matches!(client.read(&mut sink), Ok(n) if n > 0) {}
+    }
+}
+
 /// Tells a connection over the limit why it is closed. Best effort: a new socket's buffer
 /// takes the small frame without blocking, and if not, the client just sees the close.
 fn refuse(stream: UnixStream) {

@@ -312,10 +312,13 @@ where
     let mem: &GuestMemoryMmap = mem;
     let mut budget = MAX_CHAINS_PER_WAKEUP;
     let mut used_any = false;
+    // Whether the last check said more chains were available.
+    let mut more_expected = false;
     'ring: loop {
         if let Err(e) = queue.disable_notification(mem) {
             debug!("virtio queue {index}: cannot disable notifications: {e}");
         }
+        let mut taken = 0usize;
         loop {
             if budget == 0 {
                 // Notifications stay disabled: our own kick brings us back.
@@ -334,6 +337,7 @@ where
             };
             let Some(chain) = chain else { break };
             budget -= 1;
+            taken += 1;
             let head = chain.head_index();
             let len = handle(mem, chain);
             match queue.add_used(mem, head, len) {
@@ -341,8 +345,19 @@ where
                 Err(e) => debug!("virtio queue {index}: cannot return chain {head}: {e}"),
             }
         }
+        if more_expected && taken == 0 {
+            // The available index said there was more, yet no chain could be taken: it moved
+            // back or its ring cannot be read. A driver only ever advances it, so the rings
+            // overlap or lie; re-checking would spin forever (our own flag writes can flip it).
+            warn!("virtio queue {index}: available index inconsistent; disabled until reset");
+            queue.set_ready(false);
+            break;
+        }
         match queue.enable_notification(mem) {
-            Ok(true) => continue,
+            Ok(true) => {
+                more_expected = true;
+                continue;
+            }
             Ok(false) => break,
             Err(e) => {
                 debug!("virtio queue {index}: cannot enable notifications: {e}");
@@ -434,6 +449,43 @@ mod tests {
         });
         assert_eq!(served, 0);
         s.process_queue(7, |_, _| unreachable!("no such queue"));
+    }
+
+    #[test]
+    fn rings_whose_flags_move_the_available_index_do_not_spin() {
+        // Found by the virtio_queue fuzz target: the used ring's flags field is the available
+        // ring's index, so every enable/disable of notifications rewrote the index and the
+        // drain loop re-checked forever without taking a chain.
+        use crate::devices::virtio::test_utils::{activate_ctx, desc, guest_mem};
+        use virtio_queue::QueueT;
+        use vm_memory::{Bytes, GuestAddress};
+
+        let mem = guest_mem();
+        let (avail, used) = (0x1002u64, 0x1004u64);
+        let mut queue = Queue::new(16).unwrap();
+        queue.try_set_size(1).unwrap();
+        queue.try_set_desc_table_address(GuestAddress(0)).unwrap();
+        queue
+            .try_set_avail_ring_address(GuestAddress(avail))
+            .unwrap();
+        queue.try_set_used_ring_address(GuestAddress(used)).unwrap();
+        queue.set_ready(true);
+        assert!(queue.is_valid(&mem));
+        mem.write_obj(desc(0x2000, 16, true), GuestAddress(0))
+            .unwrap();
+        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap(); // avail.idx
+        mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap(); // avail.ring[0]
+
+        let mut s = DeviceState::new(0, &[16]).unwrap();
+        let (ctx, _irq) = activate_ctx(&mem, queue);
+        s.activate(ctx).unwrap();
+        let mut served = 0;
+        s.process_queue(0, |_, _| {
+            served += 1;
+            0
+        });
+        assert_eq!(served, 1, "the one real chain is served");
+        assert!(!s.queues()[0].ready(), "the inconsistent queue is disabled");
     }
 
     #[test]

@@ -173,6 +173,28 @@ impl QueueRegs {
     }
 }
 
+/// Builds queue 0 from register values exactly as activation does, for the fuzz targets,
+/// whose queues must be the ones a driver can get past the transport.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn queue_from_regs(
+    max_size: u16,
+    size: u32,
+    desc: u64,
+    driver: u64,
+    device: u64,
+    mem: &GuestMemoryMmap,
+) -> Result<Queue, MmioError> {
+    let regs = QueueRegs {
+        max_size,
+        size,
+        ready: true,
+        desc,
+        driver,
+        device,
+    };
+    regs.to_queue(0, mem)
+}
+
 /// Replaces the low or high 32 bits of `addr`.
 fn set_half(addr: &mut u64, value: u32, high: bool) {
     *addr = if high {
