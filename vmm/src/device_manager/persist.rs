@@ -192,12 +192,17 @@ pub fn branch_disks(devices: &Devices) -> Result<Vec<PathBuf>, crate::disk::Disk
 /// makes its overlay itself.
 pub fn prepare_disk_spares(devices: &Devices) {
     for block in &devices.blocks {
-        let mut block = lock(block);
-        if let Err(e) = block.prepare_spare() {
-            log::warn!(
+        // The device is locked only to plan and to install: the guest's I/O on the disk
+        // goes on while the file is created and synced.
+        let Some(plan) = lock(block).image().spare_plan() else {
+            continue;
+        };
+        match plan.create() {
+            Ok(()) => lock(block).install_spare(plan),
+            Err(e) => log::warn!(
                 "cannot prepare the next branch of {}: {e}",
-                block.path().display()
-            );
+                lock(block).path().display()
+            ),
         }
     }
 }

@@ -135,25 +135,64 @@ fn headers_below(start: &LayerRecord) -> Result<Vec<LayerId>, DiskError> {
     Ok(out)
 }
 
+/// A spare overlay to create for a disk's next branch (see [`DiskImage::spare_plan`]).
+#[derive(Debug)]
+pub struct SparePlan {
+    active: PathBuf,
+    tmp: PathBuf,
+    frozen: PathBuf,
+    size: u64,
+}
+
+impl SparePlan {
+    /// Creates and syncs the overlay file; needs no access to the disk itself.
+    pub fn create(&self) -> Result<(), DiskError> {
+        let _ = fs::remove_file(&self.tmp);
+        create_qcow2(
+            &self.tmp,
+            Some((file_name_str(&self.frozen)?, DiskFormat::Qcow2)),
+            self.size,
+            true,
+        )?;
+        Ok(())
+    }
+}
+
 impl DiskImage {
     /// Creates the overlay the next branch will use (see the module documentation), unless
     /// there is one. Call outside the snapshot pause; a no-op for raw or read-only disks.
     pub fn prepare_spare(&mut self) -> Result<(), DiskError> {
+        if let Some(plan) = self.spare_plan() {
+            plan.create()?;
+            self.install_spare(plan);
+        }
+        Ok(())
+    }
+
+    /// What [`prepare_spare`](Self::prepare_spare) would create, if anything: split out so
+    /// that a running VM's device lock is not held while the file is created and synced
+    /// (the guest's I/O on the disk would wait for it).
+    pub fn spare_plan(&self) -> Option<SparePlan> {
         if self.read_only || self.format() != DiskFormat::Qcow2 || self.spare.is_some() {
-            return Ok(());
+            return None;
         }
         let active = self.path().to_path_buf();
-        let frozen = next_frozen_name(&active, 1);
-        let tmp = temp_name(&active, "spare");
-        let _ = fs::remove_file(&tmp);
-        create_qcow2(
-            &tmp,
-            Some((file_name_str(&frozen)?, DiskFormat::Qcow2)),
-            self.size,
-            true,
-        )?;
-        self.spare = Some((tmp, frozen));
-        Ok(())
+        Some(SparePlan {
+            frozen: next_frozen_name(&active, 1),
+            tmp: temp_name(&active, "spare"),
+            active,
+            size: self.size,
+        })
+    }
+
+    /// Takes the spare `plan` created, if it still fits (no branch or spare since the plan);
+    /// otherwise removes its file.
+    pub fn install_spare(&mut self, plan: SparePlan) {
+        if self.spare.is_none() && self.path() == plan.active && !self.read_only {
+            self.spare = Some((plan.tmp, plan.frozen));
+        } else {
+            let _ = fs::remove_file(&plan.tmp);
+        }
     }
 
     /// Freezes the active layer under a new `<stem>@<n>.qcow2` and continues on a new empty

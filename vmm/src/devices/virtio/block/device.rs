@@ -123,9 +123,10 @@ impl Block {
         self.disk.branch()
     }
 
-    /// Prepares the next branch's overlay, outside the snapshot pause.
-    pub fn prepare_spare(&mut self) -> Result<(), DiskError> {
-        self.disk.prepare_spare()
+    /// Takes a spare overlay created for the next branch (see
+    /// [`crate::disk::DiskImage::spare_plan`]).
+    pub fn install_spare(&mut self, plan: crate::disk::branch::SparePlan) {
+        self.disk.install_spare(plan)
     }
 
     pub fn is_read_only(&self) -> bool {

@@ -123,9 +123,10 @@ impl Disk {
         self.fresh_on.as_ref()
     }
 
-    /// Prepares the next branch's overlay (see [`DiskImage::prepare_spare`]).
-    pub fn prepare_spare(&mut self) -> Result<(), crate::disk::DiskError> {
-        self.image.prepare_spare()
+    /// Takes a spare overlay created for the next branch (see
+    /// [`crate::disk::DiskImage::spare_plan`]).
+    pub fn install_spare(&mut self, plan: crate::disk::branch::SparePlan) {
+        self.image.install_spare(plan)
     }
 
     /// Makes every completed write durable (data and metadata).
