@@ -318,6 +318,47 @@ impl Drop for VmProcess {
 }
 
 /// Connects to a VMM's control socket, waiting up to 30 s for the VMM to create it.
+/// Bytes of one `grove-disktool fsync-loop` record.
+pub const DISKTOOL_RECORD: usize = 4096;
+
+/// What `grove-disktool fsync-loop` writes as record `i` (images/rootfs/grove-disktool.c).
+pub fn disktool_record(i: u64) -> Vec<u8> {
+    let mut r = format!("GROVE-REC{i:016x}").into_bytes();
+    r.resize(32, b'\n');
+    r.resize(DISKTOOL_RECORD, ((i * 31 + 0xa5) & 0xff) as u8);
+    r
+}
+
+/// Every `n` of a complete `ACK n` line (what `grove-disktool fsync-loop` prints once record
+/// `n` is durable), in order.
+pub fn disktool_acks(console: &str) -> Vec<u64> {
+    let complete = &console[..console.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("ACK ")?.parse().ok())
+        .collect()
+}
+
+/// A data disk for a test: a sparse raw base of `size` bytes in `dir` and a qcow2 overlay on
+/// it, whose path is returned (attach it as `PATH,qcow2,backing`).
+pub fn data_disk(dir: &Path, size: u64) -> PathBuf {
+    let base = dir.join("data-base.raw");
+    std::fs::File::create(&base)
+        .and_then(|f| f.set_len(size))
+        .expect("create the data disk's base");
+    let data = dir.join("data.qcow2");
+    vmm::disk::create_overlay(
+        &data,
+        Some(&vmm::disk::LayerRecord {
+            path: base,
+            format: vmm::disk::DiskFormat::Raw,
+        }),
+        size,
+    )
+    .expect("create the data disk's overlay");
+    data
+}
+
 pub fn control_client(sock: &Path) -> vmm::control::client::ControlClient {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

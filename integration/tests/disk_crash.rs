@@ -10,31 +10,17 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use grove_integration::{
-    control_client, grove_vmm_bin, images, qemu_img, qemu_img_check, require_kvm, TempDir,
-    VmProcess, BOOT_TIMEOUT,
+    control_client, data_disk, disktool_acks, disktool_record, grove_vmm_bin, images, qemu_img,
+    qemu_img_check, require_kvm, TempDir, VmProcess, BOOT_TIMEOUT, DISKTOOL_RECORD,
 };
 use vmm::control::protocol::{Request, Response, SnapshotRequest};
-use vmm::disk::{DiskFormat, LayerRecord};
 
 const ROUNDS: usize = 20;
-const RECORD: usize = 4096;
 const DATA_DISK: u64 = 64 << 20;
-
-/// What `grove-disktool fsync-loop` writes as record `i` (images/rootfs/grove-disktool.c).
-fn record(i: u64) -> Vec<u8> {
-    let mut r = format!("GROVE-REC{i:016x}").into_bytes();
-    r.resize(32, b'\n');
-    r.resize(RECORD, ((i * 31 + 0xa5) & 0xff) as u8);
-    r
-}
 
 /// The highest `n` of a complete `ACK n` line.
 fn last_ack(console: &str) -> Option<u64> {
-    let complete = &console[..console.rfind('\n').map_or(0, |i| i + 1)];
-    complete
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("ACK ")?.parse().ok())
-        .max()
+    disktool_acks(console).into_iter().max()
 }
 
 /// xorshift64*: enough randomness for kill moments, and reproducible from its seed.
@@ -54,20 +40,7 @@ fn kill_9_under_fsync_write_load_loses_no_acknowledged_write() {
     require_kvm();
     let set = images();
     let dir = TempDir::new("e2e-disk-crash");
-    let base = dir.path().join("data-base.raw");
-    std::fs::File::create(&base)
-        .and_then(|f| f.set_len(DATA_DISK))
-        .unwrap();
-    let data = dir.path().join("data.qcow2");
-    vmm::disk::create_overlay(
-        &data,
-        Some(&LayerRecord {
-            path: base.clone(),
-            format: DiskFormat::Raw,
-        }),
-        DATA_DISK,
-    )
-    .unwrap();
+    let data = data_disk(dir.path(), DATA_DISK);
 
     let sock = dir.path().join("source.sock");
     let rootfs = format!("{},ro", set.rootfs.display());
@@ -163,9 +136,9 @@ fn kill_9_under_fsync_write_load_loses_no_acknowledged_write() {
         ]);
         let contents = std::fs::read(&raw).unwrap();
         for i in 0..=acked {
-            let at = i as usize * RECORD;
+            let at = i as usize * DISKTOOL_RECORD;
             assert!(
-                contents[at..at + RECORD] == record(i)[..],
+                contents[at..at + DISKTOOL_RECORD] == disktool_record(i)[..],
                 "round {round} (seed {seed}, killed after {delay:?}): record {i} of the \
                  {} acknowledged is missing or wrong",
                 acked + 1

@@ -19,36 +19,20 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use grove_integration::{
-    control_client, grove_vmm_bin, images, qemu_img, require_kvm, TempDir, VmProcess, BOOT_TIMEOUT,
+    control_client, data_disk, disktool_acks, disktool_record, grove_vmm_bin, images, qemu_img,
+    require_kvm, TempDir, VmProcess, BOOT_TIMEOUT, DISKTOOL_RECORD,
 };
 use vmm::control::client::ControlClient;
 use vmm::control::protocol::{
     Request, Response, SnapshotInfo, SnapshotKind, SnapshotMode, SnapshotRequest,
 };
-use vmm::disk::{DiskFormat, LayerRecord};
 
-const RECORD: usize = 4096;
 const DATA_DISK: u64 = 64 << 20;
 const WAIT: Duration = Duration::from_secs(120);
 /// Noise allowed on top of the reported pause and the longest stall seen before the
 /// snapshot: on a 2-core host the copy thread competes with two busy vCPU threads, so a
 /// vCPU can wait for a core for a while without the VMM pausing it.
 const SCHEDULING_SLACK_MS: f64 = 250.0;
-
-fn record(i: u64) -> Vec<u8> {
-    let mut r = format!("GROVE-REC{i:016x}").into_bytes();
-    r.resize(32, b'\n');
-    r.resize(RECORD, ((i * 31 + 0xa5) & 0xff) as u8);
-    r
-}
-
-fn acks(console: &str) -> Vec<u64> {
-    let complete = &console[..console.rfind('\n').map_or(0, |i| i + 1)];
-    complete
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("ACK ")?.parse().ok())
-        .collect()
-}
 
 /// `max_gap_us` of every complete `DIRTY` line, in order.
 fn gaps_ms(console: &str) -> Vec<f64> {
@@ -118,8 +102,8 @@ fn records_on_disk(image: &Path, scratch: &Path) -> u64 {
     let data = std::fs::read(&raw).unwrap();
     std::fs::remove_file(&raw).unwrap();
     let mut n = 0u64;
-    for block in data.chunks(RECORD) {
-        if block == record(n).as_slice() {
+    for block in data.chunks(DISKTOOL_RECORD) {
+        if block == disktool_record(n).as_slice() {
             n += 1;
         } else {
             assert!(
@@ -147,7 +131,7 @@ fn clone_first_ack(snap: &Path, sock: &Path) -> u64 {
         ],
     );
     let deadline = Instant::now() + WAIT;
-    while acks(&clone.console()).is_empty() {
+    while disktool_acks(&clone.console()).is_empty() {
         assert!(
             Instant::now() < deadline,
             "the clone of {} acknowledged no record:\n{}\nits log:\n{}",
@@ -157,7 +141,7 @@ fn clone_first_ack(snap: &Path, sock: &Path) -> u64 {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let first = acks(&clone.console())[0];
+    let first = disktool_acks(&clone.console())[0];
     let mut c = control_client(sock);
     let _ = c.request(Request::Shutdown);
     clone.wait_exit(WAIT).unwrap_or_else(|r| panic!("{r}"));
@@ -169,20 +153,7 @@ fn live_branches_of_a_busy_guest_are_exact_and_barely_pause_it() {
     require_kvm();
     let set = images();
     let dir = TempDir::new("e2e-live");
-    let base = dir.path().join("data-base.raw");
-    std::fs::File::create(&base)
-        .and_then(|f| f.set_len(DATA_DISK))
-        .unwrap();
-    let data = dir.path().join("data.qcow2");
-    vmm::disk::create_overlay(
-        &data,
-        Some(&LayerRecord {
-            path: base.clone(),
-            format: DiskFormat::Raw,
-        }),
-        DATA_DISK,
-    )
-    .unwrap();
+    let data = data_disk(dir.path(), DATA_DISK);
     let sock = dir.path().join("source.sock");
     let rootfs = format!("{},ro", set.rootfs.display());
     let disk = format!("{},qcow2,backing", data.display());
@@ -215,14 +186,17 @@ fn live_branches_of_a_busy_guest_are_exact_and_barely_pause_it() {
     source.send_line("grove-disktool dirty 16 10240 0 & grove-disktool fsync-loop /dev/vdb 0 0 &");
     // Writing every page of its buffer once takes the emulated guest kernel a while.
     wait_until(&mut source, "the writers", |c| {
-        acks(c).len() >= 5 && gaps_ms(c).len() >= 10
+        disktool_acks(c).len() >= 5 && gaps_ms(c).len() >= 10
     });
     let mut control = control_client(&sock);
 
     // Five live branches while the guest writes.
     let mut frozen_layers: Vec<PathBuf> = Vec::new();
     for round in 0..5 {
-        let before = acks(&source.console()).last().copied().unwrap_or(0);
+        let before = disktool_acks(&source.console())
+            .last()
+            .copied()
+            .unwrap_or(0);
         let gaps = gaps_ms(&source.console());
         let gaps_before = gaps.len();
         // The longest stall of the last ten seconds without a snapshot: what the guest's

@@ -282,8 +282,23 @@ impl VmmShared {
             pause = paused_at.elapsed();
         }
         let written = result?;
-        self.after_snapshot(&written);
-        Ok(SnapshotInfo {
+        Ok(self.after_snapshot(req, written, pause, t0, None))
+    }
+
+    /// Prepares the next branch's overlays, now that the VM runs again, and makes the
+    /// answer.
+    fn after_snapshot(
+        &self,
+        req: &SnapshotRequest,
+        written: Written,
+        pause: Duration,
+        t0: Instant,
+        precopy: Option<PrecopyInfo>,
+    ) -> SnapshotInfo {
+        if !written.frozen_layers.is_empty() {
+            prepare_disk_spares(&self.devices);
+        }
+        SnapshotInfo {
             dir: req.dir.clone(),
             kind: req.kind,
             pause_ms: ms(pause),
@@ -291,15 +306,12 @@ impl VmmShared {
             disk_branch_ms: ms(written.disk_branch),
             total_ms: ms(t0.elapsed()),
             memory_bytes: written.memory_bytes,
-            mode: SnapshotMode::Paused,
-            precopy: None,
-        })
-    }
-
-    /// Prepares the next branch's overlays, now that the VM runs again.
-    fn after_snapshot(&self, written: &Written) {
-        if !written.frozen_layers.is_empty() {
-            prepare_disk_spares(&self.devices);
+            mode: if precopy.is_some() {
+                SnapshotMode::Live
+            } else {
+                SnapshotMode::Paused
+            },
+            precopy,
         }
     }
 
@@ -511,18 +523,7 @@ impl VmmShared {
             Ok::<_, VmmError>((written, precopy))
         })?;
         self.remember_snapshot(&req.dir, &written);
-        self.after_snapshot(&written);
-        Ok(SnapshotInfo {
-            dir: req.dir.clone(),
-            kind: req.kind,
-            pause_ms: ms(pause),
-            frozen_layers: written.frozen_layers,
-            disk_branch_ms: ms(written.disk_branch),
-            total_ms: ms(t0.elapsed()),
-            memory_bytes: written.memory_bytes,
-            mode: SnapshotMode::Live,
-            precopy: Some(precopy),
-        })
+        Ok(self.after_snapshot(req, written, pause, t0, Some(precopy)))
     }
 
     /// Prepares the disks' next branch overlays on a short-lived thread.
