@@ -146,7 +146,9 @@ impl Vm {
     /// Reads and clears the pages written since the last call (or since the VM started): per
     /// memory slot, in region order, a bitmap with bit `p % 64` of word `p / 64` set when page
     /// `p` of the region was written by the guest (KVM dirty log) or by the VMM (the region's
-    /// bitmap). Only for a tracking VM whose vCPUs are paused and devices idle.
+    /// bitmap). Only for a tracking VM. Safe while the guest runs (a live snapshot's
+    /// pre-copy): KVM clears and write-protects atomically and the VMM bitmap is swapped word
+    /// by word, so a page written afterwards is in the next call's answer.
     pub fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>, VmError> {
         let mut out = Vec::new();
         for (slot, region) in self.memory.iter().enumerate() {
