@@ -20,8 +20,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
 use super::{
-    status, ActivateContext, ActivateError, IrqTrigger, VirtioDevice, INT_CONFIG,
-    VIRTIO_F_VERSION_1,
+    status, ActivateContext, ActivateError, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -283,9 +282,14 @@ impl MmioTransport {
         &self.device
     }
 
-    /// The device status register as the driver sees it.
+    /// The device status register as the driver sees it: what the driver wrote, plus
+    /// DEVICE_NEEDS_RESET when activation failed or the device stopped trusting a ring.
     pub fn status(&self) -> u32 {
-        self.status
+        if self.interrupt.needs_reset() {
+            self.status | status::DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     fn lock_device(&self) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
@@ -331,7 +335,7 @@ impl MmioTransport {
             reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size)),
             reg::QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready)),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
-            reg::STATUS => self.status,
+            reg::STATUS => self.status(),
             // No shared memory regions: length and base of every region read as -1.
             reg::SHM_LEN_LOW..=reg::SHM_BASE_HIGH => u32::MAX,
             reg::CONFIG_GENERATION => self.config_generation,
@@ -455,17 +459,21 @@ impl MmioTransport {
         if added & status::FEATURES_OK != 0
             && self.lock_device().acked_features() & VIRTIO_F_VERSION_1 == 0
         {
-            warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK refused");
+            self.interrupt.guest_warn(format_args!(
+                "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK refused"
+            ));
             new &= !(status::FEATURES_OK | status::DRIVER_OK);
         }
         self.status = new;
         if new & added & status::DRIVER_OK != 0 {
             if let Err(e) = self.activate() {
-                warn!("virtio-mmio: activation failed: {}", error_chain(&e));
-                self.status |= status::DEVICE_NEEDS_RESET;
-                if let Err(e) = self.interrupt.trigger(INT_CONFIG) {
-                    warn!("virtio-mmio: cannot inject the config interrupt: {e}");
-                }
+                let device_type = self.lock_device().device_type();
+                self.interrupt.guest_warn(format_args!(
+                    "virtio-mmio: device type {device_type}: activation failed: {}; \
+                     DEVICE_NEEDS_RESET until the driver resets it",
+                    error_chain(&e)
+                ));
+                self.interrupt.set_needs_reset();
             }
         }
     }

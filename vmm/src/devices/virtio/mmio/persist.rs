@@ -244,7 +244,7 @@ impl Persist for MmioTransport {
             .then(|| dev.queues().iter().map(|q| q.state().into()).collect());
         MmioTransportState {
             device_type: dev.device_type(),
-            status: self.status,
+            status: self.status(),
             device_features_sel: self.device_features_sel,
             driver_features_sel: self.driver_features_sel,
             queue_sel: self.queue_sel,
