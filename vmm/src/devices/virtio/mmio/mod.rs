@@ -165,11 +165,29 @@ impl QueueRegs {
             .try_set_used_ring_address(GuestAddress(self.device))
             .map_err(config)?;
         queue.set_ready(true);
-        if !queue.is_valid(mem) {
+        // Checked here first: virtio-queue's own check logs every failure at error level,
+        // without a rate limit, and a guest can fail activation in a loop.
+        if !rings_in_memory(&queue, mem) || !queue.is_valid(mem) {
             return Err(MmioError::QueueMemory { index });
         }
         Ok(queue)
     }
+}
+
+/// Whether the descriptor table, available ring and used ring of `queue` (at its configured
+/// size) lie wholly inside guest memory: 16, 2 and 8 bytes per entry, after a 4-byte header
+/// and with a 2-byte event field for the rings (virtio spec 1.2, section 2.7).
+fn rings_in_memory(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    use vm_memory::{GuestMemory, Permissions};
+    let size = usize::from(queue.size());
+    let rings = [
+        (queue.desc_table(), 16 * size, Permissions::Read),
+        (queue.avail_ring(), 6 + 2 * size, Permissions::Read),
+        (queue.used_ring(), 6 + 8 * size, Permissions::Write),
+    ];
+    rings
+        .into_iter()
+        .all(|(addr, len, access)| mem.check_range(GuestAddress(addr), len, access))
 }
 
 /// Builds queue 0 from register values exactly as activation does, for the fuzz targets,

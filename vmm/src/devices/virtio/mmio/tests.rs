@@ -322,6 +322,12 @@ fn invalid_queue_fails_activation_with_needs_reset() {
         (reg::QUEUE_DESC_LOW, 0x1001), // misaligned
         (reg::QUEUE_NUM, 6),           // not a power of two
         (reg::QUEUE_NUM, 32),          // above QueueNumMax
+        // Rings that start inside guest memory but end past it: 8 descriptors need 128
+        // bytes, 8 used entries 70.
+        (reg::QUEUE_DESC_LOW, 0xf_ff80 + 16),
+        (reg::QUEUE_DRIVER_LOW, 0xf_fff0),
+        (reg::QUEUE_DEVICE_LOW, 0xf_ffc0),
+        (reg::QUEUE_DEVICE_HIGH, 0xffff_ffff), // wraps 2^64
     ] {
         let (mut t, dev) = setup();
         negotiate(&mut t, MOCK_FEATURES);
