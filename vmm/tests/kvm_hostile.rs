@@ -175,7 +175,12 @@ fn hostile_guest_never_crashes_the_vmm_nor_reaches_outside_its_memory() {
     let mut client = connect(&sock, &mut child);
 
     // The guest has run every case and now waits for a byte of console input.
-    let out = wait_for(&console, "hostile-done\n", &mut child, Duration::from_secs(240));
+    let out = wait_for(
+        &console,
+        "hostile-done\n",
+        &mut child,
+        Duration::from_secs(240),
+    );
     assert!(
         child.try_wait().unwrap().is_none(),
         "the VMM is still running"
@@ -192,13 +197,20 @@ fn hostile_guest_never_crashes_the_vmm_nor_reaches_outside_its_memory() {
     child.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the VMM did not exit after the guest reset");
+        assert!(
+            Instant::now() < deadline,
+            "the VMM did not exit after the guest reset"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let result = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
     let out = std::fs::read_to_string(&console).unwrap_or(out);
-    assert_eq!(result.status.code(), Some(0), "stderr:\n{stderr}\nconsole:\n{out}");
+    assert_eq!(
+        result.status.code(),
+        Some(0),
+        "stderr:\n{stderr}\nconsole:\n{out}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(stderr.contains("VM exited: guest reset"), "{stderr}");
     assert!(out.contains("hostile-exit\n"), "{out}");

@@ -330,13 +330,21 @@ where
             let chain = match queue.iter(mem) {
                 Ok(mut iter) => iter.next(),
                 Err(e) => {
-                    stop_queue(queue, interrupt, index, format_args!("unusable ring ({e})"));
+                    stop_queue(
+                        queue,
+                        interrupt,
+                        format_args!("virtio queue {index}: unusable ring ({e})"),
+                    );
                     break 'ring;
                 }
             };
             let Some(chain) = chain else { break };
             if let Some(fault) = chain_fault(&chain) {
-                stop_queue(queue, interrupt, index, format_args!("{fault}"));
+                stop_queue(
+                    queue,
+                    interrupt,
+                    format_args!("virtio queue {index}: {fault}"),
+                );
                 break 'ring;
             }
             budget -= 1;
@@ -355,8 +363,7 @@ where
             stop_queue(
                 queue,
                 interrupt,
-                index,
-                format_args!("available index inconsistent"),
+                format_args!("virtio queue {index}: available index inconsistent"),
             );
             break;
         }
@@ -386,9 +393,10 @@ where
 /// Ring-level corruption: the device stops serving queue `index` and sets DEVICE_NEEDS_RESET
 /// until the driver resets it (docs/hostile-guests.md). Retrying a ring the device cannot
 /// trust would only spin or serve garbage.
-fn stop_queue(queue: &mut Queue, interrupt: &IrqTrigger, index: usize, why: std::fmt::Arguments) {
+/// `what` names the queue and the fault for the (rate-limited) log line.
+pub(crate) fn stop_queue(queue: &mut Queue, interrupt: &IrqTrigger, what: std::fmt::Arguments) {
     interrupt.guest_warn(format_args!(
-        "virtio queue {index}: {why}; queue stopped, DEVICE_NEEDS_RESET until the driver resets the device"
+        "{what}; queue stopped, DEVICE_NEEDS_RESET until the driver resets the device"
     ));
     queue.set_ready(false);
     interrupt.set_needs_reset();

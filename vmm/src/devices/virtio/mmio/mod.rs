@@ -19,9 +19,7 @@ use log::{debug, warn};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
-use super::{
-    status, ActivateContext, ActivateError, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
-};
+use super::{status, ActivateContext, ActivateError, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemoryMmap;
 

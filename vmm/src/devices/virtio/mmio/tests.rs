@@ -368,7 +368,10 @@ fn needs_reset_raised_by_the_device_shows_in_status_until_reset() {
     // What the event loop does when it stops trusting a ring.
     t.interrupt().set_needs_reset();
     let st = rd(&mut t, reg::STATUS);
-    assert_eq!(st, UP_TO_FEATURES_OK | status::DRIVER_OK | status::DEVICE_NEEDS_RESET);
+    assert_eq!(
+        st,
+        UP_TO_FEATURES_OK | status::DRIVER_OK | status::DEVICE_NEEDS_RESET
+    );
     assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INT_CONFIG);
     // The driver cannot clear it, nor does a later status write lose it.
     wr(&mut t, reg::STATUS, st & !status::DEVICE_NEEDS_RESET);
