@@ -101,11 +101,6 @@ impl IrqTrigger {
         self.needs_reset.load(Ordering::SeqCst)
     }
 
-    /// Puts back a saved DEVICE_NEEDS_RESET without injecting anything.
-    pub fn restore_needs_reset(&self, needs_reset: bool) {
-        self.needs_reset.store(needs_reset, Ordering::SeqCst);
-    }
-
     /// Logs a warning the guest caused, at most [`log_limit::MAX_LINES_PER_WINDOW`] per
     /// [`log_limit::WINDOW`] for this device; a line after dropped ones says how many.
     pub fn guest_warn(&self, args: std::fmt::Arguments<'_>) {
