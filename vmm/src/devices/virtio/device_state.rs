@@ -390,10 +390,10 @@ where
     }
 }
 
-/// Ring-level corruption: the device stops serving queue `index` and sets DEVICE_NEEDS_RESET
-/// until the driver resets it (docs/hostile-guests.md). Retrying a ring the device cannot
-/// trust would only spin or serve garbage.
-/// `what` names the queue and the fault for the (rate-limited) log line.
+/// Ring-level corruption: the device stops serving `queue` and sets DEVICE_NEEDS_RESET until
+/// the driver resets it (docs/hostile-guests.md). Retrying a ring the device cannot trust
+/// would only spin or serve garbage. `what` names the queue and the fault for the
+/// (rate-limited) log line.
 pub(crate) fn stop_queue(queue: &mut Queue, interrupt: &IrqTrigger, what: std::fmt::Arguments) {
     interrupt.guest_warn(format_args!(
         "{what}; queue stopped, DEVICE_NEEDS_RESET until the driver resets the device"
