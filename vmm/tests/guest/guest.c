@@ -87,7 +87,14 @@ struct desc { u64 addr; u32 len; u16 flags; u16 next; };
 
 static u16 avail_idx;
 
-static int virtio_init(u64 base, u32 want_low_features) {
+/* Queue 0's configuration as virtio_init writes it; the hostile cases break one field. */
+struct qcfg { u32 size; u64 desc, avail, used; };
+static const struct qcfg good_q = {QSIZE, DESC_TABLE, AVAIL_RING, USED_RING};
+
+static int virtio_setup(u64 base, u32 want_low_features, const struct qcfg *q);
+static int virtio_init(u64 base, u32 want_low_features) { return virtio_setup(base, want_low_features, &good_q); }
+
+static int virtio_setup(u64 base, u32 want_low_features, const struct qcfg *q) {
     if (mmio_read(base + R_MAGIC) != 0x74726976 || mmio_read(base + R_VERSION) != 2) return -1;
     mmio_write(base + R_STATUS, 0);
     mmio_write(base + R_STATUS, 1);
@@ -104,13 +111,15 @@ static int virtio_init(u64 base, u32 want_low_features) {
     if (!(mmio_read(base + R_STATUS) & 8)) return -3;
     mmio_write(base + R_QUEUE_SEL, 0);
     if (mmio_read(base + R_QUEUE_NUM_MAX) < QSIZE) return -4;
-    mmio_write(base + R_QUEUE_NUM, QSIZE);
-    mmio_write(base + R_DESC_LO, (u32)DESC_TABLE);
-    mmio_write(base + R_DESC_HI, 0);
-    mmio_write(base + R_DRIVER_LO, (u32)AVAIL_RING);
-    mmio_write(base + R_DRIVER_HI, 0);
-    mmio_write(base + R_DEVICE_LO, (u32)USED_RING);
-    mmio_write(base + R_DEVICE_HI, 0);
+    /* Fresh rings: a device that was reset starts again at index 0. */
+    for (u64 a = AVAIL_RING; a < USED_RING + 0x1000; a += 8) *(volatile u64 *)a = 0;
+    mmio_write(base + R_QUEUE_NUM, q->size);
+    mmio_write(base + R_DESC_LO, (u32)q->desc);
+    mmio_write(base + R_DESC_HI, (u32)(q->desc >> 32));
+    mmio_write(base + R_DRIVER_LO, (u32)q->avail);
+    mmio_write(base + R_DRIVER_HI, (u32)(q->avail >> 32));
+    mmio_write(base + R_DEVICE_LO, (u32)q->used);
+    mmio_write(base + R_DEVICE_HI, (u32)(q->used >> 32));
     mmio_write(base + R_QUEUE_READY, 1);
     mmio_write(base + R_STATUS, 1 | 2 | 8 | 4);
     avail_idx = 0;
@@ -269,7 +278,386 @@ static void test_vmgenid(void) {
     }
 }
 
+/* --- test=hostile: a driver that breaks every rule, one case at a time ---
+ * Each case prints "hostile NAME status=SS used=UUUU nr=N canary=C": the status byte the
+ * device wrote (ee: untouched), the used length (none: the device stopped instead of using
+ * the chain), whether Status shows DEVICE_NEEDS_RESET, and whether the canary bytes around
+ * every buffer the case aimed at (inside RAM) are unchanged. Then "recover NAME reset=R ok=1":
+ * after a device reset (when R=1) a normal request succeeds. See docs/hostile-guests.md. */
+#define S_NEEDS_RESET 0x40
+#define CANARY 0xa5
+#define NOTHING_BASE 0xe0000000UL
+#define F_INDIRECT 4
+static const u8 *zero_page_ptr;
+static u64 ram_end, blk_base, rng_base;
+
+static u64 find_ram_end(void) {
+    u8 n = zero_page_ptr[0x1e8];
+    u64 end = 0;
+    for (int i = 0; i < n && i < 128; i++) {
+        const u8 *e = zero_page_ptr + 0x2d0 + i * 20;
+        u64 a = *(const u64 *)e, sz = *(const u64 *)(e + 8);
+        if (*(const u32 *)(e + 16) == 1 && a + sz > end) end = a + sz;
+    }
+    return end;
+}
+static u64 find_device(u32 type) {
+    for (u64 i = 0; i < 8; i++) {
+        u64 b = VIRTIO_BASE + i * 0x1000;
+        if (mmio_read(b + R_MAGIC) == 0x74726976 && mmio_read(b + R_DEVICE_ID) == type) return b;
+    }
+    return 0;
+}
+static void fill(u64 a, u64 n, u8 v) { for (u64 i = 0; i < n; i++) *(volatile u8 *)(a + i) = v; }
+static int same(u64 a, u64 n, u8 v) {
+    for (u64 i = 0; i < n; i++) if (*(volatile u8 *)(a + i) != v) return 0;
+    return 1;
+}
+/* Around (and in) every buffer a case aims at: the data buffer, the bytes after the status
+ * byte, the last 512 bytes of RAM (a straddling buffer's in-RAM half). */
+static void arm_canaries(void) {
+    fill(DATA_BUF - 64, 512 + 128, CANARY);
+    fill(STATUS_BYTE + 1, 63, CANARY);
+    fill(ram_end - 512, 512, CANARY);
+}
+static int canaries_ok(void) {
+    return same(DATA_BUF - 64, 512 + 128, CANARY) && same(STATUS_BYTE + 1, 63, CANARY) &&
+           same(ram_end - 512, 512, CANARY);
+}
+static int needs_reset(u64 base) { return (mmio_read(base + R_STATUS) & S_NEEDS_RESET) != 0; }
+static void setd(int i, u64 addr, u32 len, u16 flags, u16 next) {
+    volatile struct desc *d = (volatile struct desc *)DESC_TABLE;
+    d[i].addr = addr; d[i].len = len; d[i].flags = flags; d[i].next = next;
+}
+/* Publishes `head`, moving the available index by `step` (1 for an honest driver), notifies
+ * `queue` and waits: the used length, -2 when the device asked for a reset instead, -1 when
+ * nothing happened. */
+static long post(u64 base, u16 head, u16 step, u32 queue) {
+    volatile u16 *avail = (volatile u16 *)AVAIL_RING;
+    volatile u16 *used_idx = (volatile u16 *)(USED_RING + 2);
+    volatile u32 *used_ring = (volatile u32 *)(USED_RING + 4);
+    u16 before = *used_idx;
+    avail[2 + (avail_idx % QSIZE)] = head;
+    barrier();
+    avail_idx += step;
+    avail[1] = avail_idx;
+    barrier();
+    mmio_write(base + R_QUEUE_NOTIFY, queue);
+    for (u64 spin = 0; *used_idx == before; spin++) {
+        if ((spin & 255) == 0 && needs_reset(base)) return -2;
+        if (spin > 5000000ULL) return -1; /* seconds under the PVM emulator */
+    }
+    barrier();
+    u32 len = used_ring[((u16)(*used_idx - 1) % QSIZE) * 2 + 1];
+    mmio_write(base + R_INT_ACK, mmio_read(base + R_INT_STATUS));
+    return len;
+}
+static void blk_hdr(u32 type, u64 sector) {
+    volatile u32 *hdr = (volatile u32 *)REQ_HDR;
+    hdr[0] = type; hdr[1] = 0;
+    *(volatile u64 *)(REQ_HDR + 8) = sector;
+}
+/* The well-formed three-descriptor request the cases start from: header, data, status. */
+static void blk_chain(u32 type, u64 sector, u16 data_flags) {
+    blk_hdr(type, sector);
+    setd(0, REQ_HDR, 16, F_NEXT, 1);
+    setd(1, DATA_BUF, 512, F_NEXT | data_flags, 2);
+    setd(2, STATUS_BYTE, 1, F_WRITE, 0);
+}
+static void report(u64 base, const char *name, long used, int has_status) {
+    puts("hostile "); puts(name);
+    if (has_status) { puts(" status="); puthex(*(volatile u8 *)STATUS_BYTE, 2); }
+    puts(" used=");
+    if (used >= 0) puthex((u64)used, 4);
+    else puts(used == -2 ? "none" : "timeout");
+    puts(" nr="); puthex(needs_reset(base), 1);
+    puts(" canary="); puts(canaries_ok() ? "ok" : "BAD");
+    puts("\n");
+}
+/* Proves the block device works: reset first if it asked for it, then read sector 1 (the
+ * host filled it with 0x5a). */
+static void blk_recover(const char *name) {
+    int was = needs_reset(blk_base);
+    int r = was ? virtio_init(blk_base, 1u << 9) : 0;
+    fill(DATA_BUF, 512, 0);
+    blk_chain(0, 1, F_WRITE);
+    *(volatile u8 *)STATUS_BYTE = 0xee;
+    long used = post(blk_base, 0, 1, 0);
+    volatile u8 *buf = (volatile u8 *)DATA_BUF;
+    int ok = r == 0 && used == 0x201 && *(volatile u8 *)STATUS_BYTE == 0 && buf[0] == 0x5a && buf[511] == 0x5a;
+    puts("recover "); puts(name); puts(" reset="); puthex(was, 1); puts(" ok="); puthex(ok, 1); puts("\n");
+}
+static void blk_case_end(const char *name, long used) {
+    report(blk_base, name, used, 1);
+    blk_recover(name);
+}
+static void no_request_case(const char *name) {
+    puts("hostile "); puts(name);
+    puts(" nr="); puthex(needs_reset(blk_base), 1);
+    puts(" canary="); puts(canaries_ok() ? "ok" : "BAD"); puts("\n");
+    blk_recover(name);
+}
+static void blk_begin(void) {
+    arm_canaries();
+    *(volatile u8 *)STATUS_BYTE = 0xee;
+}
+
+static void hostile_chains(void) {
+    /* A loop: data -> header -> data ... */
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(1, DATA_BUF, 512, F_NEXT | F_WRITE, 0);
+    blk_case_end("loop", post(blk_base, 0, 1, 0));
+    /* Every descriptor of the table, the last pointing back at the first: longer than the queue. */
+    blk_begin(); blk_hdr(0, 1);
+    for (int i = 0; i < QSIZE; i++) setd(i, REQ_HDR, 16, F_NEXT, (u16)((i + 1) % QSIZE));
+    blk_case_end("longer-than-queue", post(blk_base, 0, 1, 0));
+    /* next >= queue size. */
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(1, DATA_BUF, 512, F_NEXT | F_WRITE, 200);
+    blk_case_end("next-out-of-range", post(blk_base, 0, 1, 0));
+    /* A head index >= queue size in the available ring. */
+    blk_begin(); blk_chain(0, 1, F_WRITE);
+    blk_case_end("head-out-of-range", post(blk_base, 77, 1, 0));
+    /* Two 4 GiB - 1 buffers: a chain longer than 2^32 bytes. */
+    blk_begin(); blk_chain(0, 1, F_WRITE);
+    setd(1, DATA_BUF, 0xffffffffu, F_NEXT | F_WRITE, 3); setd(3, DATA_BUF, 0xffffffffu, F_NEXT | F_WRITE, 2);
+    blk_case_end("chain-over-4g", post(blk_base, 0, 1, 0));
+    /* An indirect table outside RAM (indirect descriptors are not offered). */
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(1, 0x100000000ULL, 64, F_INDIRECT, 0);
+    blk_case_end("indirect-outside-ram", post(blk_base, 0, 1, 0));
+}
+
+static void hostile_buffers(void) {
+    /* Data buffer outside RAM, straddling its end, wrapping 2^64. */
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(1, 0x100000000ULL, 512, F_NEXT | F_WRITE, 2);
+    blk_case_end("data-outside-ram", post(blk_base, 0, 1, 0));
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(1, ram_end - 256, 512, F_NEXT | F_WRITE, 2);
+    blk_case_end("data-straddles-ram-end", post(blk_base, 0, 1, 0));
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(1, 0xffffffffffffff00ULL, 512, F_NEXT | F_WRITE, 2);
+    blk_case_end("data-wraps", post(blk_base, 0, 1, 0));
+    /* Header and status outside RAM. */
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(0, 0xfffffffffffffff8ULL, 16, F_NEXT, 1);
+    blk_case_end("header-wraps", post(blk_base, 0, 1, 0));
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(2, ram_end, 1, F_WRITE, 0);
+    blk_case_end("status-outside-ram", post(blk_base, 0, 1, 0));
+    /* Zero and huge lengths. */
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(1, DATA_BUF, 0, F_NEXT | F_WRITE, 2);
+    blk_case_end("zero-length-data", post(blk_base, 0, 1, 0));
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(0, REQ_HDR, 0, F_NEXT, 1);
+    blk_case_end("zero-length-header", post(blk_base, 0, 1, 0));
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(2, STATUS_BYTE, 0, F_WRITE, 0);
+    blk_case_end("zero-length-status", post(blk_base, 0, 1, 0));
+    /* As long as a chain may be (16 + this + 1 < 4 GiB): far beyond RAM. */
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(1, DATA_BUF, 0xffffffe0u, F_NEXT | F_WRITE, 2);
+    blk_case_end("huge-length-data", post(blk_base, 0, 1, 0));
+    /* 4 GiB - 1: the chain as a whole exceeds 2^32 bytes, which no driver may post. */
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(1, DATA_BUF, 0xffffffffu, F_NEXT | F_WRITE, 2);
+    blk_case_end("max-length-data", post(blk_base, 0, 1, 0));
+    /* Wrong directions: a header the device may only write, data the device may only read
+     * in a read (and only write in a write), a status byte it may only read. */
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(0, REQ_HDR, 16, F_NEXT | F_WRITE, 1);
+    blk_case_end("header-device-writable", post(blk_base, 0, 1, 0));
+    blk_begin(); blk_chain(0, 1, 0);
+    blk_case_end("read-into-readonly-data", post(blk_base, 0, 1, 0));
+    blk_begin(); blk_chain(1, 3, F_WRITE);
+    blk_case_end("write-from-writable-data", post(blk_base, 0, 1, 0));
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(2, STATUS_BYTE, 1, 0, 0);
+    blk_case_end("status-readonly", post(blk_base, 0, 1, 0));
+}
+
+static void hostile_requests(void) {
+    blk_begin(); blk_chain(0, 0x100000, F_WRITE);
+    blk_case_end("sector-past-end", post(blk_base, 0, 1, 0));
+    blk_begin(); blk_chain(0, 0xffffffffffffffffULL, F_WRITE);
+    blk_case_end("sector-overflows", post(blk_base, 0, 1, 0));
+    blk_begin(); blk_chain(1, 0x7fffffffffffffffULL, 0);
+    blk_case_end("write-sector-overflows", post(blk_base, 0, 1, 0));
+    blk_begin(); blk_chain(0x77, 1, F_WRITE);
+    blk_case_end("unknown-type", post(blk_base, 0, 1, 0));
+    blk_begin(); blk_chain(0, 1, F_WRITE); setd(1, DATA_BUF, 100, F_NEXT | F_WRITE, 2);
+    blk_case_end("partial-sector", post(blk_base, 0, 1, 0));
+}
+
+/* Queue configurations the transport must refuse at DRIVER_OK. */
+static void queue_case(const char *name, struct qcfg q) {
+    arm_canaries();
+    int r = virtio_setup(blk_base, 1u << 9, &q);
+    puts("hostile "); puts(name); puts(" init="); puthex((u64)(r & 0xff), 2);
+    puts(" nr="); puthex(needs_reset(blk_base), 1);
+    puts(" canary="); puts(canaries_ok() ? "ok" : "BAD"); puts("\n");
+    blk_recover(name);
+}
+static void hostile_queues(void) {
+    struct qcfg q;
+    q = good_q; q.size = 0; queue_case("queue-size-0", q);
+    q = good_q; q.size = 3; queue_case("queue-size-3", q);
+    q = good_q; q.size = mmio_read(blk_base + R_QUEUE_NUM_MAX) * 2; queue_case("queue-size-above-max", q);
+    q = good_q; q.desc = 0x100000000ULL; queue_case("desc-outside-ram", q);
+    q = good_q; q.avail = ram_end - 2; queue_case("avail-straddles-ram-end", q);
+    q = good_q; q.used = 0xfffffffffffff000ULL; queue_case("used-wraps", q);
+    q = good_q; q.desc = DESC_TABLE + 8; queue_case("desc-misaligned", q);
+    q = good_q; q.used = USED_RING + 2; queue_case("used-misaligned", q);
+
+    /* Notifications for queues that do not exist, at every width. */
+    blk_begin();
+    mmio_write(blk_base + R_QUEUE_NOTIFY, 5);
+    mmio_write(blk_base + R_QUEUE_NOTIFY, 0xffffffffu);
+    *(volatile u16 *)(blk_base + R_QUEUE_NOTIFY) = 0;
+    *(volatile u8 *)(blk_base + R_QUEUE_NOTIFY) = 0;
+    no_request_case("notify-unknown-queue");
+    /* The available index jumps 100 entries ahead of an 8-entry ring. */
+    blk_begin(); blk_chain(0, 1, F_WRITE);
+    blk_case_end("avail-index-jump", post(blk_base, 0, 100, 0));
+    /* Queue registers written while the device runs (they are frozen). */
+    blk_begin();
+    mmio_write(blk_base + R_QUEUE_NUM, 3);
+    mmio_write(blk_base + R_DESC_HI, 0xffff);
+    mmio_write(blk_base + R_QUEUE_READY, 0);
+    no_request_case("queue-regs-while-running");
+}
+
+/* MMIO and port I/O nobody should send. */
+static void hostile_mmio(void) {
+    u64 b = blk_base;
+    u64 acc = 0;
+    /* Unknown register offsets and wrong widths: read as zero, writes dropped. */
+    u64 unknown[] = {0x018, 0x03c, 0x0a8, 0x0c0, 0x0f8, 0x0fe};
+    for (int i = 0; i < 6; i++) {
+        u64 a = b + unknown[i];
+        acc |= *(volatile u8 *)a;
+        if (!(a & 1)) acc |= *(volatile u16 *)a;
+        if (!(a & 3)) acc |= *(volatile u32 *)a;
+        if (!(a & 7)) acc |= *(volatile u64 *)a;
+        *(volatile u8 *)a = 0xff;
+        if (!(a & 1)) *(volatile u16 *)a = 0xffff;
+        if (!(a & 3)) *(volatile u32 *)a = 0xffffffffu;
+        if (!(a & 7)) *(volatile u64 *)a = ~0ULL;
+    }
+    /* Registers at the wrong width: 1, 2 and 8 bytes are ignored. */
+    acc |= *(volatile u8 *)(b + R_MAGIC);
+    acc |= *(volatile u16 *)(b + R_MAGIC);
+    acc |= *(volatile u64 *)(b + R_MAGIC);
+    *(volatile u8 *)(b + R_STATUS) = 0;
+    *(volatile u64 *)(b + R_STATUS) = 0;
+    /* Config space beyond the block config, at every width, to the end of the window. */
+    u64 c = b + R_CONFIG + 0x800;
+    acc |= *(volatile u8 *)c | *(volatile u16 *)c | *(volatile u32 *)c | *(volatile u64 *)c;
+    acc |= *(volatile u64 *)(b + 0xff8);
+    *(volatile u8 *)c = 1; *(volatile u16 *)c = 1; *(volatile u32 *)c = 1; *(volatile u64 *)c = 1;
+    /* Read-only registers and config written. */
+    u32 cap = mmio_read(b + R_CONFIG);
+    mmio_write(b + R_MAGIC, 0); mmio_write(b + R_VERSION, 1); mmio_write(b + R_DEVICE_ID, 9);
+    mmio_write(b + R_QUEUE_NUM_MAX, 1); mmio_write(b + R_INT_STATUS, 3);
+    mmio_write(b + R_CONFIG, 0xffffffffu); *(volatile u64 *)(b + R_CONFIG) = ~0ULL;
+    int ro_ok = mmio_read(b + R_MAGIC) == 0x74726976 && mmio_read(b + R_VERSION) == 2 &&
+                mmio_read(b + R_DEVICE_ID) == 2 && mmio_read(b + R_QUEUE_NUM_MAX) >= QSIZE &&
+                mmio_read(b + R_CONFIG) == cap;
+    blk_begin();
+    puts("hostile mmio-unknown unknown-reads="); puthex(acc, 16);
+    puts(" read-only-kept="); puthex(ro_ok, 1);
+    puts(" nr="); puthex(needs_reset(b), 1); puts("\n");
+    blk_recover("mmio-unknown");
+
+    /* Where no device lives: an empty virtio window and a hole. */
+    u64 none[] = {VIRTIO_BASE + 7 * 0x1000, NOTHING_BASE, NOTHING_BASE + 0x123};
+    u64 ones = ~0ULL;
+    for (int i = 0; i < 3; i++) {
+        u64 a = none[i];
+        ones &= *(volatile u8 *)a | 0xffffffffffffff00ULL;
+        if (!(a & 1)) ones &= *(volatile u16 *)a | 0xffffffffffff0000ULL;
+        if (!(a & 3)) ones &= *(volatile u32 *)a | 0xffffffff00000000ULL;
+        if (!(a & 7)) ones &= *(volatile u64 *)a;
+        *(volatile u8 *)a = 0;
+        if (!(a & 7)) *(volatile u64 *)a = 0;
+    }
+    puts("hostile mmio-nowhere all-ones="); puthex(ones == ~0ULL, 1); puts("\n");
+
+    /* Port I/O to ports nobody claims, at every width. */
+    u32 pones = 0xffffffffu;
+    u16 ports[] = {0x80, 0x1234, 0xfff0};
+    for (int i = 0; i < 3; i++) {
+        u16 p = ports[i];
+        u8 v8; u16 v16; u32 v32;
+        __asm__ volatile("inb %1, %0" : "=a"(v8) : "Nd"(p));
+        __asm__ volatile("inw %1, %0" : "=a"(v16) : "Nd"(p));
+        __asm__ volatile("inl %1, %0" : "=a"(v32) : "Nd"(p));
+        pones &= (0xffffff00u | v8) & (0xffff0000u | v16) & v32;
+        __asm__ volatile("outb %0, %1" : : "a"((u8)0x5a), "Nd"(p));
+        __asm__ volatile("outw %0, %1" : : "a"((u16)0x5a5a), "Nd"(p));
+        __asm__ volatile("outl %0, %1" : : "a"(0x5a5a5a5au), "Nd"(p));
+    }
+    puts("hostile pio-nowhere all-ones="); puthex(pones == 0xffffffffu, 1); puts("\n");
+    blk_recover("io-nowhere");
+}
+
+/* virtio-rng: the same ring-level and buffer cases. */
+static void rng_case(const char *name, u16 step) {
+    long used = post(rng_base, 0, step, 0);
+    report(rng_base, name, used, 0);
+    int was = needs_reset(rng_base);
+    int r = was ? virtio_init(rng_base, 0) : 0;
+    fill(DATA_BUF, 16, 0);
+    setd(0, DATA_BUF, 16, F_WRITE, 0);
+    used = post(rng_base, 0, 1, 0);
+    volatile u64 *buf = (volatile u64 *)DATA_BUF;
+    int ok = r == 0 && used == 16 && (buf[0] | buf[1]) != 0;
+    puts("recover "); puts(name); puts(" reset="); puthex(was, 1); puts(" ok="); puthex(ok, 1); puts("\n");
+}
+static void hostile_rng(void) {
+    int r = virtio_init(rng_base, 0);
+    puts("rng-init="); puthex((u64)(r & 0xff), 2); puts("\n");
+    if (r) return;
+    arm_canaries(); setd(0, DATA_BUF, 16, F_NEXT | F_WRITE, 0);
+    rng_case("rng-loop", 1);
+    arm_canaries(); setd(0, DATA_BUF, 16, F_NEXT | F_WRITE, 9);
+    rng_case("rng-next-out-of-range", 1);
+    arm_canaries(); setd(0, 0x100000000ULL, 16, F_WRITE, 0);
+    rng_case("rng-outside-ram", 1);
+    arm_canaries(); setd(0, ram_end - 8, 16, F_WRITE, 0);
+    rng_case("rng-straddles-ram-end", 1);
+    arm_canaries(); setd(0, 0xfffffffffffffff8ULL, 16, F_WRITE, 0);
+    rng_case("rng-wraps", 1);
+    arm_canaries(); setd(0, DATA_BUF, 0xffffffffu, F_WRITE, 0);
+    rng_case("rng-huge-length", 1);
+    arm_canaries(); setd(0, DATA_BUF, 0, F_WRITE, 0);
+    rng_case("rng-zero-length", 1);
+    arm_canaries(); setd(0, DATA_BUF, 16, 0, 0);
+    rng_case("rng-readonly-buffer", 1);
+    arm_canaries(); setd(0, DATA_BUF, 16, F_WRITE, 0);
+    rng_case("rng-avail-index-jump", 100);
+}
+
+static void test_hostile(void) {
+    ram_end = find_ram_end();
+    blk_base = find_device(2);
+    rng_base = find_device(4);
+    puts("hostile-start ram-end="); puthex(ram_end, 8);
+    puts(" blk="); puthex(blk_base, 8); puts(" rng="); puthex(rng_base, 8); puts("\n");
+    if (!blk_base || !rng_base || ram_end < 0x1000000) return;
+    int r = virtio_init(blk_base, 1u << 9);
+    puts("blk-init="); puthex((u64)(r & 0xff), 2); puts("\n");
+    if (r) return;
+    hostile_chains();
+    hostile_buffers();
+    hostile_requests();
+    hostile_queues();
+    hostile_mmio();
+    hostile_rng();
+    /* The same misbehaviour many times over: the VMM's log must stay bounded. */
+    int stopped = 0;
+    for (int i = 0; i < 50; i++) {
+        blk_chain(0, 1, F_WRITE); setd(1, DATA_BUF, 512, F_NEXT | F_WRITE, 0);
+        stopped += post(blk_base, 0, 1, 0) == -2;
+        virtio_init(blk_base, 1u << 9);
+    }
+    puts("hostile repeat-50 stopped="); puthex((u64)stopped, 2); puts("\n");
+    blk_recover("repeat-50");
+    puts("hostile-done\n");
+    /* Wait for one byte of console input: the host checks the VMM meanwhile. */
+    while (!(inb(SERIAL + 5) & 1)) {}
+    puts("hostile-exit\n");
+}
+
 void guest_main(const u8 *zero_page) {
+    zero_page_ptr = zero_page;
     const char *cmdline = (const char *)(u64)(*(const u32 *)(zero_page + 0x228));
     const char *t = find_test(cmdline);
     puts("grove-test-guest: ");
@@ -284,6 +672,7 @@ void guest_main(const u8 *zero_page) {
     else if (is_test(t, "dirty")) test_dirty();
     else if (is_test(t, "cpuid")) test_cpuid();
     else if (is_test(t, "vmgenid")) test_vmgenid();
+    else if (is_test(t, "hostile")) test_hostile();
     else if (is_test(t, "triple-fault")) {
         /* Empty IDT, then a #GP from a non-canonical address: #GP -> #DF -> triple fault.
          * (Not int3: the PVM emulator cannot execute it.) */

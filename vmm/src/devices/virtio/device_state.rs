@@ -330,12 +330,23 @@ where
             let chain = match queue.iter(mem) {
                 Ok(mut iter) => iter.next(),
                 Err(e) => {
-                    warn!("virtio queue {index}: unusable ring ({e}); disabled until reset");
-                    queue.set_ready(false);
+                    stop_queue(
+                        queue,
+                        interrupt,
+                        format_args!("virtio queue {index}: unusable ring ({e})"),
+                    );
                     break 'ring;
                 }
             };
             let Some(chain) = chain else { break };
+            if let Some(fault) = chain_fault(&chain) {
+                stop_queue(
+                    queue,
+                    interrupt,
+                    format_args!("virtio queue {index}: {fault}"),
+                );
+                break 'ring;
+            }
             budget -= 1;
             taken += 1;
             let head = chain.head_index();
@@ -349,8 +360,11 @@ where
             // The available index said there was more, yet no chain could be taken: it moved
             // back or its ring cannot be read. A driver only ever advances it, so the rings
             // overlap or lie; re-checking would spin forever (our own flag writes can flip it).
-            warn!("virtio queue {index}: available index inconsistent; disabled until reset");
-            queue.set_ready(false);
+            stop_queue(
+                queue,
+                interrupt,
+                format_args!("virtio queue {index}: available index inconsistent"),
+            );
             break;
         }
         match queue.enable_notification(mem) {
@@ -373,6 +387,39 @@ where
                 warn!("virtio queue {index}: cannot inject the interrupt: {e}");
             }
         }
+    }
+}
+
+/// Ring-level corruption: the device stops serving `queue` and sets DEVICE_NEEDS_RESET until
+/// the driver resets it (docs/hostile-guests.md). Retrying a ring the device cannot trust
+/// would only spin or serve garbage. `what` names the queue and the fault for the
+/// (rate-limited) log line.
+pub(crate) fn stop_queue(queue: &mut Queue, interrupt: &IrqTrigger, what: std::fmt::Arguments) {
+    interrupt.guest_warn(format_args!(
+        "{what}; queue stopped, DEVICE_NEEDS_RESET until the driver resets the device"
+    ));
+    queue.set_ready(false);
+    interrupt.set_needs_reset();
+}
+
+/// Why a descriptor chain cannot be a request, if it is broken at the ring level: virtio-queue
+/// ends the iteration early, without an error, at a `next` index outside the queue, after
+/// as many descriptors as the queue has (a loop, or a chain longer than the queue), at a
+/// descriptor it cannot read, and past 4 GiB of buffers. The last descriptor then still has
+/// NEXT set, or there is no descriptor at all.
+fn chain_fault(chain: &Chain<'_>) -> Option<&'static str> {
+    let mut count = 0usize;
+    let mut last_has_next = false;
+    for desc in chain.clone() {
+        count += 1;
+        last_has_next = desc.has_next();
+    }
+    if count == 0 {
+        Some("descriptor chain head out of range or unreadable")
+    } else if last_has_next {
+        Some("descriptor chain loops, outgrows the queue, leaves it or exceeds 4 GiB")
+    } else {
+        None
     }
 }
 
@@ -439,7 +486,9 @@ mod tests {
             0
         });
         assert_eq!(served, 0);
-        assert_eq!(irq.status(), 0);
+        // The driver hears about it: DEVICE_NEEDS_RESET and a config interrupt only.
+        assert!(irq.needs_reset());
+        assert_eq!(irq.status(), crate::devices::virtio::INT_CONFIG);
         // Disabled until reset: a fixed ring is not looked at again.
         mem.write_obj(1u16, GuestAddress(drv.vq.avail_addr().0 + 2))
             .unwrap();
@@ -486,6 +535,72 @@ mod tests {
         });
         assert_eq!(served, 1, "the one real chain is served");
         assert!(!s.queues()[0].ready(), "the inconsistent queue is disabled");
+    }
+
+    #[test]
+    fn broken_chains_stop_the_queue_with_needs_reset() {
+        use crate::devices::virtio::test_utils::{activate_ctx, desc, guest_mem, Driver};
+        use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+
+        let next = |addr: u64, to: u16| {
+            RawDescriptor::from(SplitDescriptor::new(addr, 16, VRING_DESC_F_NEXT as u16, to))
+        };
+        // (what, descriptors 0.. of the table; the chain starts at 0)
+        let cases: [(&str, Vec<RawDescriptor>); 3] = [
+            // 0 -> 1 -> 0 -> ...
+            ("loop", vec![next(0x1_0000, 1), next(0x1_1000, 0)]),
+            // 0 -> 1 -> ... -> 15 -> 0: more descriptors than the queue has.
+            (
+                "longer than the queue",
+                (0..16u16).map(|i| next(0x1_0000, (i + 1) % 16)).collect(),
+            ),
+            ("next out of range", vec![next(0x1_0000, 200)]),
+        ];
+        for (what, descs) in cases {
+            let mem = guest_mem();
+            let mut drv = Driver::new(&mem, 16);
+            drv.add_raw_chain(&descs);
+            if descs.len() < 16 {
+                // A good chain behind the broken one is not served either.
+                drv.add_chain(&[desc(0x2_0000, 16, true)]);
+            }
+            let mut s = DeviceState::new(0, &[16]).unwrap();
+            let (ctx, irq) = activate_ctx(&mem, drv.queue());
+            s.activate(ctx).unwrap();
+            let mut served = 0;
+            s.process_queue(0, |_, _| {
+                served += 1;
+                0
+            });
+            assert_eq!(served, 0, "{what}");
+            assert!(irq.needs_reset(), "{what}");
+            assert!(!s.queues()[0].ready(), "{what}");
+            assert_eq!(drv.used_idx(), 0, "{what}");
+            // Reset (as the transport does it) clears the request.
+            s.reset();
+            irq.reset();
+            assert!(!irq.needs_reset(), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_well_formed_chain_is_served() {
+        use crate::devices::virtio::test_utils::{activate_ctx, desc, guest_mem, Driver};
+        let mem = guest_mem();
+        let mut drv = Driver::new(&mem, 8);
+        drv.add_chain(&[desc(0x1_0000, 16, false), desc(0x1_1000, 1, true)]);
+        let mut s = DeviceState::new(0, &[8]).unwrap();
+        let (ctx, irq) = activate_ctx(&mem, drv.queue());
+        s.activate(ctx).unwrap();
+        let mut served = 0;
+        s.process_queue(0, |_, _| {
+            served += 1;
+            1
+        });
+        assert_eq!(served, 1);
+        assert!(!irq.needs_reset());
+        assert_eq!(drv.used(0), (0, 1));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 pub mod block;
 pub mod device_state;
+pub mod log_limit;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -26,8 +27,9 @@ pub use net::{Net, NetError};
 pub use rng::{Rng, RngError};
 pub use vsock::{Vsock, VsockError};
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -61,13 +63,17 @@ pub mod status {
     pub const FAILED: u32 = 128;
 }
 
-/// The interrupt line of one virtio-MMIO device: the InterruptStatus register shared by the
-/// transport (which reads and acknowledges it) and the device (which raises it), plus the
-/// eventfd registered with KVM as an irqfd for the device's GSI.
+/// The device-to-driver signals of one virtio-MMIO device, shared by the transport (which
+/// reads and acknowledges them) and the device (which raises them): the InterruptStatus
+/// register, the eventfd registered with KVM as an irqfd for the device's GSI, the
+/// DEVICE_NEEDS_RESET status bit the device sets when it stops trusting a ring, and the rate
+/// limit on log lines the guest causes (see docs/hostile-guests.md).
 #[derive(Debug)]
 pub struct IrqTrigger {
     status: AtomicU32,
     evt: EventFd,
+    needs_reset: AtomicBool,
+    log_limit: Mutex<log_limit::LogLimiter>,
 }
 
 impl IrqTrigger {
@@ -75,7 +81,42 @@ impl IrqTrigger {
         Ok(Self {
             status: AtomicU32::new(0),
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            needs_reset: AtomicBool::new(false),
+            log_limit: Mutex::new(log_limit::LogLimiter::default()),
         })
+    }
+
+    /// The device stopped trusting the driver's rings: DEVICE_NEEDS_RESET reads as set in
+    /// the Status register until the driver resets the device, and the driver gets a
+    /// configuration-change interrupt (virtio spec 1.2, section 2.1.2).
+    pub fn set_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        if let Err(e) = self.trigger(INT_CONFIG) {
+            log::warn!("virtio: cannot inject the config interrupt: {e}");
+        }
+    }
+
+    /// Whether the device asked the driver for a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Logs a warning the guest caused, at most [`log_limit::MAX_LINES_PER_WINDOW`] per
+    /// [`log_limit::WINDOW`] for this device; a line after dropped ones says how many.
+    pub fn guest_warn(&self, args: std::fmt::Arguments<'_>) {
+        let decision = self
+            .log_limit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .check(Instant::now());
+        if let log_limit::LogDecision::Log { suppressed } = decision {
+            if suppressed > 0 {
+                log::warn!(
+                    "virtio: {suppressed} more messages about this device's guest driver were suppressed"
+                );
+            }
+            log::warn!("{args}");
+        }
     }
 
     /// The eventfd to register as a KVM irqfd.
@@ -99,9 +140,10 @@ impl IrqTrigger {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
-    /// Clears all status bits (device reset).
+    /// Clears all status bits and DEVICE_NEEDS_RESET (device reset).
     pub fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
     }
 
     /// Puts back a saved InterruptStatus without injecting anything: whether the guest still

@@ -19,10 +19,7 @@ use log::{debug, warn};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
-use super::{
-    status, ActivateContext, ActivateError, IrqTrigger, VirtioDevice, INT_CONFIG,
-    VIRTIO_F_VERSION_1,
-};
+use super::{status, ActivateContext, ActivateError, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -166,11 +163,29 @@ impl QueueRegs {
             .try_set_used_ring_address(GuestAddress(self.device))
             .map_err(config)?;
         queue.set_ready(true);
-        if !queue.is_valid(mem) {
+        // Checked here first: virtio-queue's own check logs every failure at error level,
+        // without a rate limit, and a guest can fail activation in a loop.
+        if !rings_in_memory(&queue, mem) || !queue.is_valid(mem) {
             return Err(MmioError::QueueMemory { index });
         }
         Ok(queue)
     }
+}
+
+/// Whether the descriptor table, available ring and used ring of `queue` (at its configured
+/// size) lie wholly inside guest memory: 16, 2 and 8 bytes per entry, after a 4-byte header
+/// and with a 2-byte event field for the rings (virtio spec 1.2, section 2.7).
+fn rings_in_memory(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    use vm_memory::{GuestMemory, Permissions};
+    let size = usize::from(queue.size());
+    let rings = [
+        (queue.desc_table(), 16 * size, Permissions::Read),
+        (queue.avail_ring(), 6 + 2 * size, Permissions::Read),
+        (queue.used_ring(), 6 + 8 * size, Permissions::Write),
+    ];
+    rings
+        .into_iter()
+        .all(|(addr, len, access)| mem.check_range(GuestAddress(addr), len, access))
 }
 
 /// Builds queue 0 from register values exactly as activation does, for the fuzz targets,
@@ -283,9 +298,14 @@ impl MmioTransport {
         &self.device
     }
 
-    /// The device status register as the driver sees it.
+    /// The device status register as the driver sees it: what the driver wrote, plus
+    /// DEVICE_NEEDS_RESET when activation failed or the device stopped trusting a ring.
     pub fn status(&self) -> u32 {
-        self.status
+        if self.interrupt.needs_reset() {
+            self.status | status::DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     fn lock_device(&self) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
@@ -331,7 +351,7 @@ impl MmioTransport {
             reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size)),
             reg::QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready)),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
-            reg::STATUS => self.status,
+            reg::STATUS => self.status(),
             // No shared memory regions: length and base of every region read as -1.
             reg::SHM_LEN_LOW..=reg::SHM_BASE_HIGH => u32::MAX,
             reg::CONFIG_GENERATION => self.config_generation,
@@ -455,17 +475,21 @@ impl MmioTransport {
         if added & status::FEATURES_OK != 0
             && self.lock_device().acked_features() & VIRTIO_F_VERSION_1 == 0
         {
-            warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK refused");
+            self.interrupt.guest_warn(format_args!(
+                "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK refused"
+            ));
             new &= !(status::FEATURES_OK | status::DRIVER_OK);
         }
         self.status = new;
         if new & added & status::DRIVER_OK != 0 {
             if let Err(e) = self.activate() {
-                warn!("virtio-mmio: activation failed: {}", error_chain(&e));
-                self.status |= status::DEVICE_NEEDS_RESET;
-                if let Err(e) = self.interrupt.trigger(INT_CONFIG) {
-                    warn!("virtio-mmio: cannot inject the config interrupt: {e}");
-                }
+                let device_type = self.lock_device().device_type();
+                self.interrupt.guest_warn(format_args!(
+                    "virtio-mmio: device type {device_type}: activation failed: {}; \
+                     DEVICE_NEEDS_RESET until the driver resets it",
+                    error_chain(&e)
+                ));
+                self.interrupt.set_needs_reset();
             }
         }
     }

@@ -244,7 +244,7 @@ impl Persist for MmioTransport {
             .then(|| dev.queues().iter().map(|q| q.state().into()).collect());
         MmioTransportState {
             device_type: dev.device_type(),
-            status: self.status,
+            status: self.status(),
             device_features_sel: self.device_features_sel,
             driver_features_sel: self.driver_features_sel,
             queue_sel: self.queue_sel,
@@ -339,9 +339,16 @@ fn validate(
     if state.interrupt_status & !(INT_VRING | INT_CONFIG) != 0 {
         return Err(MmioRestoreError::InterruptStatus(state.interrupt_status));
     }
-    let running =
-        state.status & status::DRIVER_OK != 0 && state.status & status::DEVICE_NEEDS_RESET == 0;
-    if running != state.active_queues.is_some() {
+    let driver_ok = state.status & status::DRIVER_OK != 0;
+    let needs_reset = state.status & status::DEVICE_NEEDS_RESET != 0;
+    let consistent = match &state.active_queues {
+        // Never activated, or activation failed (DEVICE_NEEDS_RESET).
+        None => !driver_ok || needs_reset,
+        // Running; or stopped because it no longer trusts a ring, which it then disabled
+        // (docs/hostile-guests.md).
+        Some(active) => driver_ok && (!needs_reset || active.iter().any(|q| !q.ready)),
+    };
+    if !consistent {
         return Err(MmioRestoreError::Activation {
             status: state.status,
         });

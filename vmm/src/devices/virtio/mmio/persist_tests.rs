@@ -189,6 +189,7 @@ fn unreachable_status_and_activation_mismatch_are_refused() {
     assert!(matches!(e, MmioRestoreError::Activation { .. }), "{e}");
     let e = refused(|s, _| s.active_queues = None);
     assert!(matches!(e, MmioRestoreError::Activation { .. }), "{e}");
+    // DEVICE_NEEDS_RESET on a running device needs the queue it stopped.
     let e = refused(|s, _| s.status |= status::DEVICE_NEEDS_RESET);
     assert!(matches!(e, MmioRestoreError::Activation { .. }), "{e}");
     // FEATURES_OK is only reachable with VIRTIO_F_VERSION_1 acked.
@@ -211,6 +212,27 @@ fn failed_activation_and_failed_driver_states_restore() {
     state.status |= status::FAILED;
     let (_, rng) = restore(&state, &device).unwrap();
     assert!(rng.lock().unwrap().is_activated());
+}
+
+#[test]
+fn a_device_stopped_by_a_corrupt_ring_restores_stopped() {
+    // What the event loop leaves behind when it stops trusting a ring: the device keeps its
+    // queues, that one disabled, and Status reads DEVICE_NEEDS_RESET.
+    let mem = guest_mem();
+    let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+    let mut t = MmioTransport::new(mem.clone(), rng.clone()).unwrap();
+    bring_up(&mut t, &Driver::new(&mem, 16), true);
+    t.interrupt().set_needs_reset();
+    let device = rng.lock().unwrap().save();
+    let mut state = t.save();
+    assert_ne!(state.status & status::DEVICE_NEEDS_RESET, 0);
+    queue(&mut state).ready = false;
+
+    let (t, rng) = restore(&state, &device).unwrap();
+    assert!(rng.lock().unwrap().is_activated());
+    assert!(!rng.lock().unwrap().queues()[0].ready());
+    assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0);
+    assert_eq!(t.save(), state);
 }
 
 #[test]

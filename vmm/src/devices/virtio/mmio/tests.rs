@@ -6,7 +6,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::devices::virtio::test_utils::guest_mem;
-use crate::devices::virtio::{INT_VRING, TYPE_BLOCK};
+use crate::devices::virtio::{INT_CONFIG, INT_VRING, TYPE_BLOCK};
 
 /// Offers VERSION_1 plus bits 0 and 33; records what the transport does to it.
 struct MockDevice {
@@ -322,6 +322,12 @@ fn invalid_queue_fails_activation_with_needs_reset() {
         (reg::QUEUE_DESC_LOW, 0x1001), // misaligned
         (reg::QUEUE_NUM, 6),           // not a power of two
         (reg::QUEUE_NUM, 32),          // above QueueNumMax
+        // Rings that start inside guest memory but end past it: 8 descriptors need 128
+        // bytes, 8 used entries 70.
+        (reg::QUEUE_DESC_LOW, 0xf_ff80 + 16),
+        (reg::QUEUE_DRIVER_LOW, 0xf_fff0),
+        (reg::QUEUE_DEVICE_LOW, 0xf_ffc0),
+        (reg::QUEUE_DEVICE_HIGH, 0xffff_ffff), // wraps 2^64
     ] {
         let (mut t, dev) = setup();
         negotiate(&mut t, MOCK_FEATURES);
@@ -350,6 +356,31 @@ fn device_refusal_sets_needs_reset_and_reset_recovers() {
     wr(&mut t, reg::STATUS, 0);
     assert_eq!(rd(&mut t, reg::STATUS), 0);
     assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), 0);
+}
+
+#[test]
+fn needs_reset_raised_by_the_device_shows_in_status_until_reset() {
+    let (mut t, _dev) = setup();
+    negotiate(&mut t, MOCK_FEATURES);
+    setup_queue(&mut t);
+    wr(&mut t, reg::STATUS, UP_TO_FEATURES_OK | status::DRIVER_OK);
+    assert_eq!(rd(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    // What the event loop does when it stops trusting a ring.
+    t.interrupt().set_needs_reset();
+    let st = rd(&mut t, reg::STATUS);
+    assert_eq!(
+        st,
+        UP_TO_FEATURES_OK | status::DRIVER_OK | status::DEVICE_NEEDS_RESET
+    );
+    assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INT_CONFIG);
+    // The driver cannot clear it, nor does a later status write lose it.
+    wr(&mut t, reg::STATUS, st & !status::DEVICE_NEEDS_RESET);
+    assert_eq!(rd(&mut t, reg::STATUS), st);
+    // A snapshot keeps it.
+    assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0);
+    wr(&mut t, reg::STATUS, 0);
+    assert_eq!(rd(&mut t, reg::STATUS), 0);
+    assert!(!t.interrupt().needs_reset());
 }
 
 #[test]

@@ -15,7 +15,7 @@ use virtio_bindings::bindings::virtio_net::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::{ETH_HLEN, MAX_FRAME_LEN, VNET_HDR_LEN};
-use crate::devices::virtio::device_state::Chain;
+use crate::devices::virtio::device_state::{stop_queue, Chain};
 use crate::devices::virtio::{IrqTrigger, INT_VRING};
 use crate::vstate::memory::{GuestMemoryMmap, MemReader as Reader, MemWriter as Writer};
 
@@ -129,8 +129,11 @@ impl Rx {
             let chain = match queue.iter(mem) {
                 Ok(mut iter) => iter.next(),
                 Err(e) => {
-                    warn!("virtio-net: unusable receive ring ({e}); disabled until reset");
-                    queue.set_ready(false);
+                    stop_queue(
+                        queue,
+                        irq,
+                        format_args!("virtio-net: unusable receive ring ({e})"),
+                    );
                     break RxStop::QueueUnusable;
                 }
             };

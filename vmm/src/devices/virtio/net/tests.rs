@@ -283,6 +283,8 @@ fn a_receive_ring_that_cannot_be_trusted_is_disabled() {
     assert_eq!(s.run(64), RxStop::QueueUnusable);
     assert!(!s.queue.ready());
     assert_eq!(s.drv.used_idx(), 0);
+    // The driver is told to reset the device.
+    assert!(s.irq.needs_reset());
 }
 
 // The transmit side.

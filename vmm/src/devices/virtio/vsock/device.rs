@@ -19,7 +19,7 @@ use super::unix::Listener;
 use super::{EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::config::{ConfigError, VsockConfig};
 use crate::devices::virtio::device_state::{
-    read_config_bytes, Activated, DeviceState, PauseGate, Wakeup, MAX_CHAINS_PER_WAKEUP,
+    read_config_bytes, stop_queue, Activated, DeviceState, PauseGate, Wakeup, MAX_CHAINS_PER_WAKEUP,
 };
 use crate::devices::virtio::{
     ActivateContext, ActivateError, VirtioDevice, INT_VRING, TYPE_VSOCK, VIRTIO_F_VERSION_1,
@@ -189,8 +189,11 @@ impl Vsock {
         let chain = match queue.iter(mem) {
             Ok(mut iter) => iter.next(),
             Err(e) => {
-                warn!("vsock: unusable event ring ({e}); disabled until reset");
-                queue.set_ready(false);
+                stop_queue(
+                    queue,
+                    interrupt,
+                    format_args!("vsock: unusable event ring ({e})"),
+                );
                 return;
             }
         };
@@ -276,8 +279,11 @@ fn fill_rx_queue(active: &mut Activated, handler: &mut Handler) -> bool {
         let chain = match queue.iter(mem) {
             Ok(mut iter) => iter.next(),
             Err(e) => {
-                warn!("vsock: unusable receive ring ({e}); disabled until reset");
-                queue.set_ready(false);
+                stop_queue(
+                    queue,
+                    interrupt,
+                    format_args!("vsock: unusable receive ring ({e})"),
+                );
                 break;
             }
         };
