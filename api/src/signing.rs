@@ -23,8 +23,12 @@ pub struct SnapshotSigning {
     /// Tests: runs on each snapshot right after it is signed (to change it behind the
     /// daemon's back, as a compromised snapshot store would).
     #[cfg(test)]
-    pub(crate) after_sign: std::sync::Mutex<Option<Box<dyn Fn(&Path) + Send>>>,
+    pub(crate) after_sign: std::sync::Mutex<Option<AfterSign>>,
 }
+
+/// Tests: what [`SnapshotSigning::sign`] runs on a snapshot once it is signed.
+#[cfg(test)]
+pub(crate) type AfterSign = Box<dyn Fn(&Path) + Send>;
 
 impl std::fmt::Debug for SnapshotSigning {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
