@@ -669,7 +669,11 @@ impl<B: Backend> Orchestrator<B> {
         // unsigned, so a daemon that requires signatures never restores it.
         drop(guard);
         if let Some(signing) = self.signing.get() {
-            signing.sign(&row.id, &row.dir).await?;
+            let layers = match &frozen.frozen_layer {
+                Some(layer) => self.layer_chain(layer)?,
+                None => Vec::new(),
+            };
+            signing.sign(&row.id, &row.dir, layers).await?;
         }
         Ok((row, snapshot_ms, frozen.mode))
     }

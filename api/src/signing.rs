@@ -5,7 +5,7 @@
 //! [`HashCache`] for the daemon's life saves hashing the same frozen layers again at every
 //! branch (see `vmm::snapshot::auth`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vmm::snapshot::auth::{self, AuthError, HashCache, SnapshotKey};
@@ -64,12 +64,19 @@ impl SnapshotSigning {
         self.require
     }
 
-    /// Signs the snapshot `dir` (a 500 `internal` error if it cannot be).
-    pub async fn sign(&self, id: &str, dir: &Path) -> Result<(), ApiError> {
+    /// Signs the snapshot `dir` (a 500 `internal` error if it cannot be). Its state was
+    /// written by a VMM: it may name only disk layers among `layers` (the daemon's records
+    /// of the snapshot's frozen layer and those below it), compared after resolving links.
+    pub async fn sign(&self, id: &str, dir: &Path, layers: Vec<PathBuf>) -> Result<(), ApiError> {
         let (key, cache, path) = (self.key.clone(), self.cache.clone(), dir.to_path_buf());
-        run_blocking(move || auth::sign_cached(&path, &key, &cache).map(|_| ()))
-            .await
-            .map_err(|e| ApiError::internal(format!("cannot sign snapshot {id}: {e}")))?;
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        run_blocking(move || {
+            let allowed: Vec<PathBuf> = layers.iter().map(|p| canonical(p)).collect();
+            auth::sign_allowed(&path, &key, &cache, &|p| allowed.contains(&canonical(p)))
+                .map(|_| ())
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot sign snapshot {id}: {e}")))?;
         #[cfg(test)]
         if let Some(hook) = self
             .after_sign

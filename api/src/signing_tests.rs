@@ -72,7 +72,13 @@ async fn restores_of_unsigned_changed_or_foreign_snapshots_are_refused() {
         "{e}"
     );
 
-    daemon.sign("main@1", &snap).await.unwrap();
+    // Only the daemon's own layers may be named.
+    let e = daemon.sign("main@1", &snap, vec![]).await.unwrap_err();
+    assert!(e.message.contains("disk@1.qcow2"), "{e}");
+    daemon
+        .sign("main@1", &snap, vec![frozen.clone()])
+        .await
+        .unwrap();
     daemon.verify_before_restore("main@1", &snap).await.unwrap();
     // Verified once, the layer's hash is cached; a change is still seen (its ctime moved).
     std::fs::write(&frozen, b"frozen layeR").unwrap();
@@ -102,7 +108,10 @@ async fn restores_of_unsigned_changed_or_foreign_snapshots_are_refused() {
         .await
         .unwrap();
     // Signing a directory that is no snapshot is an internal error naming it.
-    let e = daemon.sign("x@1", &s.0.join("absent")).await.unwrap_err();
+    let e = daemon
+        .sign("x@1", &s.0.join("absent"), vec![])
+        .await
+        .unwrap_err();
     assert_eq!((e.status, e.code), (500, "internal"));
     assert!(
         e.message.contains("x@1") && e.message.contains("state.bin"),

@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
@@ -95,6 +95,10 @@ pub enum AuthError {
     },
     #[error("{path} changed since the snapshot was signed ({what})")]
     Changed { path: String, what: String },
+    #[error("{path} is not a regular file")]
+    NotAFile { path: String },
+    #[error("snapshot {dir} names disk layer {layer}, which is not one the signer allows")]
+    LayerNotAllowed { dir: String, layer: String },
     #[error("disk layer {layer} that a restore of {dir} opens is not covered by its signature")]
     LayerNotCovered { dir: String, layer: String },
     #[error("parent snapshot {parent} of {dir} is not trusted: {reason}")]
@@ -299,15 +303,25 @@ impl HashCache {
     /// change times are unchanged.
     fn file(&self, path: &Path) -> Result<FileEntry, AuthError> {
         let display = path.display().to_string();
-        let file = File::open(path).map_err(|source| AuthError::Missing {
-            path: display.clone(),
-            source,
-        })?;
+        // Non-blocking: a FIFO named by a state must not hang the open (it is refused below).
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(|source| AuthError::Missing {
+                path: display.clone(),
+                source,
+            })?;
         let io = |step| {
             let path = display.clone();
             move |source| AuthError::Io { step, path, source }
         };
-        let before = FileId::of(&file.metadata().map_err(io("stat"))?);
+        let meta = file.metadata().map_err(io("stat"))?;
+        // Only regular files: a device (/dev/zero) would never end.
+        if !meta.is_file() {
+            return Err(AuthError::NotAFile { path: display });
+        }
+        let before = FileId::of(&meta);
         let cached = self
             .hashes
             .lock()
@@ -447,6 +461,18 @@ pub fn sign_cached(
     key: &SnapshotKey,
     cache: &HashCache,
 ) -> Result<Manifest, AuthError> {
+    sign_allowed(dir, key, cache, &|_| true)
+}
+
+/// [`sign_cached`], refusing (before opening it) any disk layer the state names for which
+/// `allowed` is false. The daemon signs states its VMMs wrote: it allows only its own
+/// layers, so a state cannot make it hash (and publish the hash of) another file.
+pub fn sign_allowed(
+    dir: &Path,
+    key: &SnapshotKey,
+    cache: &HashCache,
+    allowed: &dyn Fn(&Path) -> bool,
+) -> Result<Manifest, AuthError> {
     check_dir(dir)?;
     let (state, bytes) = read_state(dir)?;
     let view = decode_state(dir, &bytes)?;
@@ -470,6 +496,12 @@ pub fn sign_cached(
         .layers()
         .into_iter()
         .map(|path| {
+            if !allowed(&path) {
+                return Err(AuthError::LayerNotAllowed {
+                    dir: dir.display().to_string(),
+                    layer: path.display().to_string(),
+                });
+            }
             let f = cache.file(&path)?;
             Ok(LayerEntry {
                 path,

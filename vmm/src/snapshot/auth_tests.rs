@@ -386,3 +386,24 @@ fn unfinished_and_stateless_directories_cannot_be_signed() {
     std::fs::write(short.join(MEMORY_FILE), [0u8; 10]).unwrap();
     assert!(matches!(sign(&short, &k), Err(AuthError::Changed { .. })));
 }
+
+#[test]
+fn only_regular_and_allowed_layers_are_hashed() {
+    let s = Scratch::new("allowed");
+    let k = key(9);
+    let (snap, base, ..) = signed_fixture(&s, &k);
+    let e = sign_allowed(&snap, &k, &HashCache::default(), &|p| p != base).unwrap_err();
+    assert!(matches!(e, AuthError::LayerNotAllowed { .. }), "{e}");
+    assert!(e.to_string().contains("base.raw"), "{e}");
+    // A state naming a device as a disk layer: refused, not read forever.
+    let dev = s.0.join("dev");
+    write_snapshot(
+        &dev,
+        1,
+        vec![block(Path::new("/dev/zero"), &[], false)],
+        None,
+    );
+    let e = sign(&dev, &k).unwrap_err();
+    assert!(matches!(e, AuthError::NotAFile { .. }), "{e}");
+    assert!(e.to_string().contains("/dev/zero"), "{e}");
+}
