@@ -17,5 +17,6 @@ pub mod network;
 pub mod orchestrator;
 pub mod paths;
 pub mod service;
+pub mod signing;
 pub mod store;
 pub mod supervisor;

@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::broadcast;
@@ -37,6 +37,7 @@ use crate::model::{
 use crate::names;
 use crate::network::{NetworkConfig, Proxies};
 use crate::service::{Result, Service};
+use crate::signing::SnapshotSigning;
 use crate::store::{EnvRow, LayerRow, SnapshotRow, Store, StoreError};
 use crate::supervisor::{CONSOLE, DISK};
 
@@ -141,6 +142,8 @@ pub struct Orchestrator<B: Backend> {
     net: Option<NetworkConfig>,
     /// The ports published for environments.
     proxies: Proxies,
+    /// The daemon's snapshot key, when it signs snapshots (set once, before serving).
+    signing: OnceLock<SnapshotSigning>,
 }
 
 impl<B: Backend> Orchestrator<B> {
@@ -171,11 +174,31 @@ impl<B: Backend> Orchestrator<B> {
             me: me.clone(),
             net,
             proxies: Proxies::default(),
+            signing: OnceLock::new(),
         }))
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Signs every snapshot taken from now on with `signing`'s key and, if it requires
+    /// signatures, verifies each snapshot before a restore (docs/control-plane.md). Set once,
+    /// before serving; a second call is an error.
+    pub fn set_snapshot_signing(&self, signing: SnapshotSigning) -> anyhow::Result<()> {
+        self.signing
+            .set(signing)
+            .map_err(|_| anyhow::anyhow!("snapshot signing is already configured"))
+    }
+
+    /// Before a restore of `snap`: with `--require-signed-snapshots`, refuses a snapshot
+    /// that is unsigned, signed with another key or changed since (500
+    /// `snapshot_unverified`).
+    async fn verify_snapshot(&self, snap: &SnapshotRow) -> Result<()> {
+        match self.signing.get() {
+            Some(signing) => signing.verify_before_restore(&snap.id, &snap.dir).await,
+            None => Ok(()),
+        }
     }
 
     fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -594,7 +617,7 @@ impl<B: Backend> Orchestrator<B> {
         mode: Option<SnapshotMode>,
     ) -> Result<(SnapshotRow, f64, SnapshotMode)> {
         let lock = self.lock_for(parent);
-        let _guard = lock.lock().await;
+        let guard = lock.lock().await;
         let mut prow = self.env_row(parent)?;
         if !matches!(prow.state, EnvState::Running | EnvState::Paused) {
             return Err(ApiError::conflict(format!(
@@ -641,6 +664,17 @@ impl<B: Backend> Orchestrator<B> {
         })?;
         self.store.update_env(&prow)?;
         self.emit("environment", parent, "snapshot", Some(prow.state));
+        // The parent may go on: signing reads only the new snapshot and frozen layers. A
+        // snapshot that cannot be signed stays recorded (its disk layer is real) but is
+        // unsigned, so a daemon that requires signatures never restores it.
+        drop(guard);
+        if let Some(signing) = self.signing.get() {
+            let layers = match &frozen.frozen_layer {
+                Some(layer) => self.layer_chain(layer)?,
+                None => Vec::new(),
+            };
+            signing.sign(&row.id, &row.dir, layers).await?;
+        }
         Ok((row, snapshot_ms, frozen.mode))
     }
 
@@ -737,6 +771,7 @@ impl<B: Backend> Orchestrator<B> {
             );
             let (snap, snapshot_ms, snapshot_mode) = snapshot?;
             network?;
+            self.verify_snapshot(&snap).await?;
             let restore_ms = self.restore_into(&mut row, &snap).await?;
             let timings = BranchTimings {
                 parent_pause_ms: snap.pause_ms,
@@ -1009,6 +1044,8 @@ impl<B: Backend> Service for Orchestrator<B> {
         }
         // Snapshot the parent first: if that fails, the environment is untouched.
         let (snap, snapshot_ms, snapshot_mode) = self.take_snapshot(&parent, mode).await?;
+        // Likewise a snapshot that does not verify.
+        self.verify_snapshot(&snap).await?;
         self.stop_and_clear(&row).await?;
         row.state = EnvState::Starting;
         row.pid = None;

@@ -113,6 +113,8 @@ impl Backend for FakeBackend {
         let name = into.file_name().unwrap().to_string_lossy().into_owned();
         let frozen = dir.join(format!("disk@{name}.qcow2"));
         std::fs::write(&frozen, b"frozen").map_err(|e| e.to_string())?;
+        // State and memory files like a VMM's, so that the daemon can sign and verify them.
+        crate::signing::tests::write_test_snapshot(into, &frozen).map_err(|e| e.to_string())?;
         Ok(Frozen {
             pause_ms: if mode == SnapshotMode::Live { 0.5 } else { 2.0 },
             mode,
@@ -991,4 +993,125 @@ async fn a_restart_publishes_ports_again_and_sweeps_stray_namespaces() {
     let left: HashSet<String> = s.fake.namespaces.lock().unwrap().clone();
     let expected: HashSet<String> = ["grove-t-1", "other-3"].map(String::from).into();
     assert_eq!(left, expected);
+}
+
+fn setup_signed(tag: &str) -> Setup {
+    let s = setup(tag);
+    let key = vmm::snapshot::auth::SnapshotKey::from_bytes(vec![0x5e; 32]).unwrap();
+    s.orch
+        .set_snapshot_signing(crate::signing::SnapshotSigning::new(key, true))
+        .unwrap();
+    s
+}
+
+/// Changes every snapshot right after the daemon signed it, with `tamper`.
+fn tamper_after_signing(s: &Setup, tamper: impl Fn(&Path) + Send + 'static) {
+    let signing = s.orch.signing.get().unwrap();
+    *signing.after_sign.lock().unwrap() = Some(Box::new(tamper));
+}
+
+fn restores(s: &Setup) -> usize {
+    calls(s, "restore").len()
+}
+
+#[tokio::test]
+async fn a_signing_daemon_signs_every_snapshot_and_restores_verified_ones() {
+    let s = setup_signed("signed");
+    with_image(&s).await;
+    s.orch.create_environment(boot_req("main")).await.unwrap();
+    let x = s
+        .orch
+        .create_environment(branch_req("x", "main"))
+        .await
+        .unwrap();
+    assert_eq!(x.environment.state, EnvState::Running);
+    s.orch.sync("x", None).await.unwrap();
+    s.orch.snapshot("main", None).await.unwrap();
+    let key = vmm::snapshot::auth::SnapshotKey::from_bytes(vec![0x5e; 32]).unwrap();
+    let snaps = s.orch.store().snapshots().unwrap();
+    assert!(!snaps.is_empty());
+    for snap in snaps {
+        let m = vmm::snapshot::auth::verify(&snap.dir, &key).unwrap();
+        assert_eq!(m.layers.len(), 1, "the frozen layer is covered");
+    }
+}
+
+#[tokio::test]
+async fn a_branch_of_a_changed_or_unsigned_snapshot_is_refused() {
+    let s = setup_signed("tampered-branch");
+    with_image(&s).await;
+    s.orch.create_environment(boot_req("main")).await.unwrap();
+    let before = restores(&s);
+    tamper_after_signing(&s, |dir| {
+        let mut m = std::fs::read(dir.join("memory.bin")).unwrap();
+        m[7] ^= 1;
+        std::fs::write(dir.join("memory.bin"), m).unwrap();
+    });
+    let e = s
+        .orch
+        .create_environment(branch_req("x", "main"))
+        .await
+        .unwrap_err();
+    assert_eq!((e.status, e.code), (500, "snapshot_unverified"), "{e}");
+    assert!(e.message.contains("memory.bin"), "{e}");
+    assert_eq!(restores(&s), before, "nothing was restored");
+    let names: Vec<String> = s
+        .orch
+        .list_environments()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["main"], "the clone was removed");
+
+    tamper_after_signing(&s, |dir| {
+        std::fs::remove_file(dir.join("manifest.hmac")).unwrap();
+    });
+    let e = s
+        .orch
+        .create_environment(branch_req("y", "main"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "snapshot_unverified");
+    assert!(e.message.contains("not signed"), "{e}");
+    assert_eq!(restores(&s), before);
+}
+
+#[tokio::test]
+async fn a_sync_to_a_changed_snapshot_leaves_the_environment_untouched() {
+    let s = setup_signed("tampered-sync");
+    with_image(&s).await;
+    s.orch.create_environment(boot_req("main")).await.unwrap();
+    s.orch
+        .create_environment(branch_req("staging", "main"))
+        .await
+        .unwrap();
+    let row = s.orch.store().env("staging").unwrap().unwrap();
+    let before = restores(&s);
+    tamper_after_signing(&s, |dir| {
+        let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+        std::fs::write(dir.join("manifest.json"), text.replacen("4096", "4097", 1)).unwrap();
+    });
+    let e = s.orch.sync("staging", None).await.unwrap_err();
+    assert_eq!((e.status, e.code), (500, "snapshot_unverified"), "{e}");
+    assert!(e.message.contains("bad signature"), "{e}");
+    assert_eq!(restores(&s), before, "nothing was restored");
+    let after = s.orch.store().env("staging").unwrap().unwrap();
+    assert_eq!(
+        (
+            after.state,
+            after.pid,
+            after.snapshot.clone(),
+            after.base_layer.clone()
+        ),
+        (
+            row.state,
+            row.pid,
+            row.snapshot.clone(),
+            row.base_layer.clone()
+        ),
+        "staging runs on as before"
+    );
+    assert!(s.fake.alive.lock().unwrap().contains(&row.pid.unwrap()));
 }

@@ -18,6 +18,7 @@ use vmm::vstate::cpuid::CpuTemplate;
 use vmm::{ConsoleIo, DiskConfig, VmConfig, VsockConfig};
 use vmm_sys_util::terminal::Terminal;
 
+mod auth_cmd;
 mod disk_cmd;
 mod jail_args;
 
@@ -52,6 +53,10 @@ enum Command {
     /// Create, inspect and compact disk images and their chains of layers.
     #[command(subcommand)]
     Disk(disk_cmd::DiskCommand),
+    /// Sign a snapshot with a key: writes DIR/manifest.json and DIR/manifest.hmac.
+    SnapshotSign(auth_cmd::AuthArgs),
+    /// Check that a snapshot (and its parents) is signed with a key and unchanged since.
+    SnapshotVerify(auth_cmd::AuthArgs),
 }
 
 #[derive(Args)]
@@ -123,6 +128,10 @@ struct RestoreArgs {
     /// running beside its source needs its own; see docs/vsock.md).
     #[arg(long, value_name = "PATH")]
     vsock_override: Option<PathBuf>,
+    /// Refuse the snapshot unless it (and every parent) is signed with this key and
+    /// unchanged since (grove-vmm snapshot-sign; docs/snapshot-format.md).
+    #[arg(long, value_name = "FILE")]
+    verify_key: Option<PathBuf>,
     #[command(flatten)]
     security: SecurityArgs,
     #[command(flatten)]
@@ -350,9 +359,18 @@ fn run(args: RunArgs, start: Instant) -> ExitCode {
     })
 }
 
-fn restore(args: RestoreArgs, start: Instant) -> ExitCode {
+fn restore(
+    args: RestoreArgs,
+    key: Option<vmm::snapshot::auth::SnapshotKey>,
+    start: Instant,
+) -> ExitCode {
     args.security.apply();
     run_vm(move || {
+        // Before anything else reads the snapshot.
+        if let Some(key) = &key {
+            vmm::snapshot::auth::verify(&args.snapshot, key)
+                .map_err(|e| anyhow::anyhow!(auth_cmd::one_line(&e)))?;
+        }
         let disk_overrides = args
             .disk_override
             .iter()
@@ -446,6 +464,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The key is read before the jail hides it; the snapshot is verified inside.
+    let key = match &cli.command {
+        Command::Restore(args) => auth_cmd::read_key(args.verify_key.as_deref()),
+        _ => Ok(None),
+    };
+    let key = match key {
+        Ok(key) => key,
+        Err(code) => return code,
+    };
     // The jail goes up before anything reads a config, a snapshot or a guest.
     let jail = match &cli.command {
         Command::Run(args) => jail_args::enter(&args.jail),
@@ -457,8 +484,10 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Run(args) => run(args, start),
-        Command::Restore(args) => restore(args, start),
+        Command::Restore(args) => restore(args, key, start),
         Command::SnapshotMerge(args) => snapshot_merge(args),
         Command::Disk(cmd) => disk_cmd::run(cmd),
+        Command::SnapshotSign(args) => auth_cmd::sign(args),
+        Command::SnapshotVerify(args) => auth_cmd::verify(args),
     }
 }

@@ -14,6 +14,7 @@ use grove_api::jail::JailSettings;
 use grove_api::network::NetworkConfig;
 use grove_api::orchestrator::Orchestrator;
 use grove_api::paths;
+use grove_api::signing::SnapshotSigning;
 use grove_api::supervisor::Supervisor;
 
 #[derive(Parser)]
@@ -84,6 +85,15 @@ struct Args {
     /// Run VMMs unjailed, as the daemon's user (the only choice when not root).
     #[arg(long)]
     no_jail: bool,
+    /// Sign every snapshot with this key (HMAC-SHA256 over a manifest of hashes; at least
+    /// 32 bytes, readable by the daemon's user only). Read once at startup; it never
+    /// reaches a VMM (docs/snapshot-format.md, "Authenticity").
+    #[arg(long, value_name = "FILE")]
+    snapshot_key: Option<PathBuf>,
+    /// Verify every snapshot before a restore (branch, sync) and refuse one that is
+    /// unsigned, signed with another key or changed since (500 snapshot_unverified).
+    #[arg(long, requires = "snapshot_key")]
+    require_signed_snapshots: bool,
 }
 
 impl Args {
@@ -126,6 +136,12 @@ fn build_default_images() -> Result<(PathBuf, PathBuf), String> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // The key first: a bad key file stops the daemon before it changes anything.
+    let signing = args
+        .snapshot_key
+        .as_deref()
+        .map(|path| SnapshotSigning::from_key_file(path, args.require_signed_snapshots))
+        .transpose()?;
     let network = args.network()?;
     let data = args.data_dir.unwrap_or_else(paths::default_data_dir);
     // Absolute and free of links: jailed VMMs see their files under these very names.
@@ -150,6 +166,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Arc::new(build_default_images),
         network,
     )?;
+    if let Some(signing) = signing {
+        log::info!(
+            "groved: signing snapshots with key {}{}",
+            signing.key_id(),
+            if signing.required() {
+                "; restores require a valid signature"
+            } else {
+                ""
+            }
+        );
+        orchestrator.set_snapshot_signing(signing)?;
+    }
     orchestrator.recover()?;
     if let Some(parent) = socket.parent() {
         std::fs::create_dir_all(parent)?;

@@ -8,11 +8,14 @@
 //! <dir>/state.bin        header + checksummed JSON of [`SnapshotState`]
 //! <dir>/memory.bin       guest RAM, regions back to back (BLAKE3 in the state)
 //! <dir>/memory.verified  proof that memory.bin was hashed and has not changed since
+//! <dir>/manifest.json    when signed: what a restore reads, with hashes ([`auth`])
+//! <dir>/manifest.hmac    when signed: HMAC-SHA256 of manifest.json
 //! ```
 //!
 //! It is written as `<dir>.tmp`, every file fsynced, then renamed to `<dir>` and the parent
 //! fsynced: a snapshot exists complete or not at all, and a leftover `.tmp` is never restored.
 
+pub mod auth;
 pub mod cpu;
 pub mod format;
 pub mod memory;
