@@ -239,7 +239,7 @@ impl Handler {
             (OP_RW, Some(data)) => u32::try_from(data.len()).unwrap_or(u32::MAX),
             _ => 0,
         };
-        conn.meter.from_guest(Instant::now(), hdr.op, data_len);
+        conn.meter.received(Instant::now(), hdr.op, data_len);
         let result = match hdr.op {
             OP_RESPONSE => conn.on_response(key.local_port),
             OP_RW => match data {
@@ -595,7 +595,7 @@ impl Handler {
                 None => {}
                 Some(Err(e)) => {
                     debug!("vsock: resetting {}:{}: {e}", key.local_port, key.peer_port);
-                    conn.meter.to_guest(Instant::now(), OP_RST, 0);
+                    conn.meter.sent(Instant::now(), OP_RST, 0);
                     self.kill(key, false);
                     hdr.op = OP_RST;
                     hdr.write_to(pkt);
@@ -616,7 +616,7 @@ impl Handler {
             }
         }
         (hdr.buf_alloc, hdr.fwd_cnt) = conn.credit_fields();
-        conn.meter.to_guest(Instant::now(), hdr.op, hdr.len);
+        conn.meter.sent(Instant::now(), hdr.op, hdr.len);
         hdr.write_to(pkt);
         Some(PKT_HEADER_SIZE as u32 + hdr.len)
     }

@@ -82,7 +82,7 @@ impl Meter {
 
     /// The device put a packet with operation `op` and `len` payload bytes in a receive
     /// buffer at `now`.
-    pub fn to_guest(&mut self, now: Instant, op: u16, len: u32) {
+    pub fn sent(&mut self, now: Instant, op: u16, len: u32) {
         if self.closed.is_some() {
             return;
         }
@@ -105,7 +105,7 @@ impl Meter {
 
     /// The guest sent the device a packet with operation `op` and `len` payload bytes for
     /// this connection at `now`.
-    pub fn from_guest(&mut self, now: Instant, op: u16, len: u32) {
+    pub fn received(&mut self, now: Instant, op: u16, len: u32) {
         if self.closed.is_some() {
             return;
         }
@@ -195,19 +195,19 @@ mod tests {
     fn a_request_and_its_answers_count_until_the_last_piece() {
         let t0 = Instant::now();
         let mut m = Meter::new(t0);
-        m.to_guest(at(t0, 1), OP_REQUEST, 0);
+        m.sent(at(t0, 1), OP_REQUEST, 0);
         // No answer yet: nothing counted.
         assert_eq!(m.guest_wait(), Duration::ZERO);
-        m.from_guest(at(t0, 300), OP_RESPONSE, 0);
+        m.received(at(t0, 300), OP_RESPONSE, 0);
         assert_eq!(m.guest_wait(), Duration::from_millis(299));
         // The host's data 2 ms after the answer: the gap is the host's.
-        m.to_guest(at(t0, 302), OP_RW, 100);
-        m.to_guest(at(t0, 303), OP_RW, 50);
-        m.from_guest(at(t0, 310), OP_CREDIT_UPDATE, 0);
+        m.sent(at(t0, 302), OP_RW, 100);
+        m.sent(at(t0, 303), OP_RW, 50);
+        m.received(at(t0, 310), OP_CREDIT_UPDATE, 0);
         assert_eq!(m.guest_wait(), Duration::from_millis(299));
         // An answer in two pieces, seconds apart, counts from the first data packet.
-        m.from_guest(at(t0, 400), OP_RW, 10);
-        m.from_guest(at(t0, 2400), OP_RW, 20);
+        m.received(at(t0, 400), OP_RW, 10);
+        m.received(at(t0, 2400), OP_RW, 20);
         assert_eq!(m.guest_wait(), Duration::from_millis(299 + 2098));
         let s = m.stats(1 << 30, 52, at(t0, 2500));
         assert_eq!((s.packets_to_guest, s.packets_from_guest), (3, 4), "{s:?}");
@@ -220,18 +220,18 @@ mod tests {
     fn closing_packets_answer_only_before_the_host_closed() {
         let t0 = Instant::now();
         let mut m = Meter::new(t0);
-        m.to_guest(at(t0, 0), OP_RW, 4);
-        m.from_guest(at(t0, 5), OP_RW, 4);
+        m.sent(at(t0, 0), OP_RW, 4);
+        m.received(at(t0, 5), OP_RW, 4);
         // The host hangs up; the guest's reply to that is teardown, not an answer.
-        m.to_guest(at(t0, 6), OP_SHUTDOWN, 0);
-        m.from_guest(at(t0, 50), OP_RST, 0);
+        m.sent(at(t0, 6), OP_SHUTDOWN, 0);
+        m.received(at(t0, 50), OP_RST, 0);
         assert_eq!(m.guest_wait(), Duration::from_millis(5));
 
         let mut m = Meter::new(t0);
-        m.to_guest(at(t0, 0), OP_RW, 4);
-        m.from_guest(at(t0, 7), OP_SHUTDOWN, 0);
+        m.sent(at(t0, 0), OP_RW, 4);
+        m.received(at(t0, 7), OP_SHUTDOWN, 0);
         assert_eq!(m.guest_wait(), Duration::from_millis(7));
-        m.from_guest(at(t0, 8), OP_CREDIT_REQUEST, 0);
+        m.received(at(t0, 8), OP_CREDIT_REQUEST, 0);
         assert_eq!(m.guest_wait(), Duration::from_millis(7));
     }
 
@@ -241,10 +241,10 @@ mod tests {
         let mut ring = ClosedRing::default();
         for i in 0..(CLOSED_KEPT as u32 + 4) {
             let mut m = Meter::new(t0);
-            m.to_guest(at(t0, 0), OP_REQUEST, 0);
-            m.from_guest(at(t0, u64::from(i)), OP_RESPONSE, 0);
+            m.sent(at(t0, 0), OP_REQUEST, 0);
+            m.received(at(t0, u64::from(i)), OP_RESPONSE, 0);
             m.close(at(t0, 100));
-            m.from_guest(at(t0, 200), OP_RW, 1);
+            m.received(at(t0, 200), OP_RW, 1);
             ring.push(1000 + i, 52, m);
         }
         assert_eq!(ring.entries.len(), CLOSED_KEPT);
