@@ -19,8 +19,9 @@ use agent::protocol::{
 };
 
 use vmm::control::client::ControlClient;
-use vmm::control::protocol::VsockConnectionRequest;
-use vmm::control::protocol::{Request as ControlRequest, Response as ControlResponse};
+use vmm::control::protocol::{
+    Request as ControlRequest, Response as ControlResponse, VsockConnectionRequest,
+};
 
 use crate::backend::{AgentError, Prepare, Prepared};
 use crate::model::HookResult;

@@ -337,8 +337,7 @@ impl Handler {
         };
         conn.meter.close(Instant::now());
         if conn.host_initiated {
-            self.closed
-                .push(key.local_port, key.peer_port, conn.meter.clone());
+            self.closed.push(key.local_port, key.peer_port, conn.meter);
         }
         self.by_fd.remove(&conn.stream.as_raw_fd());
         if conn.queued {
