@@ -73,6 +73,9 @@ pub(crate) fn prepare(
             .duration_since(UNIX_EPOCH)
             .map_err(|e| AgentError::Unavailable(format!("host clock: {e}")))?;
     }
+    // The VMM's wait on the guest for connections the guest accepted and then ended (the
+    // restore's transport reset): guest time too, although no step ran.
+    let mut ended_wait_us = 0u64;
     let (mut agent, pipeline) = with_retries(prep.timeout, || {
         // Built for each attempt, so that the clock sent is the time of the attempt.
         let pipeline = steps(prep).map_err(Retry::No)?;
@@ -89,14 +92,17 @@ pub(crate) fn prepare(
         agent
             .set_timeout(Some(AGENT_IO_TIMEOUT))
             .map_err(Retry::No)?;
-        agent.taken().map_err(|e| {
-            if e.ended_early() {
-                Retry::Yes(e)
-            } else {
-                Retry::No(e)
+        match agent.taken() {
+            Ok(()) => Ok((agent, pipeline)),
+            Err(e) if e.ended_early() => {
+                if let (Some(control), Some(port)) = (control, agent.host_port()) {
+                    let waited = guest_wait_us(control, port).unwrap_or(0);
+                    ended_wait_us = ended_wait_us.saturating_add(waited);
+                }
+                Err(Retry::Yes(e))
             }
-        })?;
-        Ok((agent, pipeline))
+            Err(e) => Err(Retry::No(e)),
+        }
     })?;
     if prep.clone.is_some() {
         // Hooks may take a while each: the agent limits every one (60 s by default).
@@ -108,7 +114,9 @@ pub(crate) fn prepare(
     // Asked while the connection is still open, so the VMM has it at hand (it keeps the
     // last few closed ones too) and nothing of the teardown is in the figure.
     let guest_wait_us = match (control, agent.host_port()) {
-        (Some(control), Some(port)) => guest_wait_us(control, port),
+        (Some(control), Some(port)) => {
+            guest_wait_us(control, port).map(|us| us.saturating_add(ended_wait_us))
+        }
         _ => None,
     };
     // The agent's own figures: a guest could overstate them, which only shrinks what the

@@ -202,22 +202,29 @@ impl std::os::fd::AsFd for Prefixed {
     }
 }
 
-/// A stand-in for the VMM's control socket: answers one request with `answer` and returns
-/// the request.
-fn fake_control(path: &std::path::Path, answer: ControlResponse) -> JoinHandle<ControlRequest> {
+/// A stand-in for the VMM's control socket: answers one connection's request with each of
+/// `answers` in turn and returns the requests.
+fn fake_control(
+    path: &std::path::Path,
+    answers: Vec<ControlResponse>,
+) -> JoinHandle<Vec<ControlRequest>> {
     use vmm::control::protocol::{self as control, RequestEnvelope, ResponseEnvelope};
     let listener = UnixListener::bind(path).expect("bind control");
     std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().expect("accept control");
-        let body = control::read_frame(&mut stream).expect("frame");
-        let request: RequestEnvelope = control::decode(&body).expect("request");
-        let reply = ResponseEnvelope {
-            version: request.version,
-            id: request.id,
-            response: answer,
-        };
-        control::write_frame(&mut stream, &reply).expect("answer");
-        request.request
+        let mut requests = Vec::new();
+        for answer in answers {
+            let (mut stream, _) = listener.accept().expect("accept control");
+            let body = control::read_frame(&mut stream).expect("frame");
+            let request: RequestEnvelope = control::decode(&body).expect("request");
+            let reply = ResponseEnvelope {
+                version: request.version,
+                id: request.id,
+                response: answer,
+            };
+            control::write_frame(&mut stream, &reply).expect("answer");
+            requests.push(request.request);
+        }
+        requests
     })
 }
 
@@ -371,7 +378,7 @@ fn waiting_for_an_agent_backs_off_and_gives_up_in_time() {
 fn the_vmm_says_how_long_it_waited_on_the_guest_for_the_connection() {
     let fixture = Fixture::start("wait", Vmm::RefuseFirst(0), true);
     let control = fixture.dir.join("control.sock");
-    let vmm = fake_control(&control, figures(1 << 30, 4321));
+    let vmm = fake_control(&control, vec![figures(1 << 30, 4321)]);
     let prepared = prepare(
         &fixture.socket,
         Some(&control),
@@ -382,8 +389,34 @@ fn the_vmm_says_how_long_it_waited_on_the_guest_for_the_connection() {
     // Asked for the port of the `OK` line.
     assert_eq!(
         vmm.join().expect("control"),
-        ControlRequest::VsockConnection(VsockConnectionRequest { host_port: 1 << 30 })
+        [ControlRequest::VsockConnection(VsockConnectionRequest {
+            host_port: 1 << 30
+        })]
     );
+}
+
+#[test]
+fn the_wait_on_connections_the_guest_ended_counts_as_the_guests() {
+    // After a restore: two connections accepted and then ended by the transport reset, the
+    // third served. The VMM's wait on all three is the guest's.
+    let fixture = Fixture::start("ended-wait", Vmm::AcceptThenClose(2), true);
+    let control = fixture.dir.join("control.sock");
+    let vmm = fake_control(
+        &control,
+        vec![
+            figures(1 << 30, 100_000),
+            figures(1 << 30, 200_000),
+            figures(1 << 30, 4321),
+        ],
+    );
+    let prepared = prepare(
+        &fixture.socket,
+        Some(&control),
+        &prep(true, Duration::from_secs(10)),
+    )
+    .expect("ready");
+    assert_eq!(prepared.guest_wait_us, Some(304_321));
+    assert_eq!(vmm.join().expect("control").len(), 3);
 }
 
 #[test]
@@ -410,7 +443,7 @@ fn readiness_does_not_depend_on_the_vmms_figures() {
     .enumerate()
     {
         let control = fixture.dir.join(format!("control{i}.sock"));
-        let vmm = fake_control(&control, answer);
+        let vmm = fake_control(&control, vec![answer]);
         let prepared = prepare(
             &fixture.socket,
             Some(&control),
