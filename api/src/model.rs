@@ -174,9 +174,10 @@ pub struct Readiness {
     /// and writing of the connection).
     #[serde(default)]
     pub added_ms: Option<f64>,
-    /// Of `ready_ms`, how long the VMM waited on the guest for the readiness connection:
-    /// from handing it the connection request or the steps to its last answer (the VMM's
-    /// `vsock_connection` figure, `docs/vsock.md`). `None` when the VMM could not say.
+    /// Of `ready_ms`, how long the VMM waited on the guest for the readiness connection (and
+    /// any the guest accepted and ended before it): from handing it the connection request or
+    /// the steps to its last answer (the VMM's `vsock_connection` figure, `docs/vsock.md`).
+    /// `None` when the VMM could not say.
     #[serde(default)]
     pub guest_wait_ms: Option<f64>,
     /// Of `ready_ms`, the host's time: `ready_ms - guest_wait_ms` (the daemon, the Unix
