@@ -103,6 +103,8 @@ fn protocol_error(e: ProtocolError) -> ClientError {
 #[derive(Debug)]
 pub struct Client<S> {
     stream: S,
+    /// The host port the VMM named in its `OK <port>` line (vsock connections only).
+    host_port: Option<u32>,
 }
 
 impl Client<UnixStream> {
@@ -170,13 +172,16 @@ impl Client<UnixStream> {
             }
         }
         let reply = String::from_utf8_lossy(&line).into_owned();
-        let accepted = reply
+        let Some(host_port) = reply
             .strip_prefix("OK ")
-            .is_some_and(|n| n.parse::<u32>().is_ok());
-        if !accepted {
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             return Err(ClientError::Refused { port, reply });
-        }
-        Ok(Self { stream })
+        };
+        Ok(Self {
+            stream,
+            host_port: Some(host_port),
+        })
     }
 
     /// Changes the read/write timeout of the connection (`None`: wait forever).
@@ -191,7 +196,16 @@ impl Client<UnixStream> {
 impl<S: Read + Write> Client<S> {
     /// A client on an already connected stream to the agent (no handshake).
     pub fn connect_stream(stream: S) -> Self {
-        Self { stream }
+        Self {
+            stream,
+            host_port: None,
+        }
+    }
+
+    /// The host port of the connection, from the VMM's `OK <port>` line (`None` for a
+    /// stream connected otherwise): what the VMM's control socket knows the connection by.
+    pub fn host_port(&self) -> Option<u32> {
+        self.host_port
     }
 
     /// The underlying stream.

@@ -91,6 +91,11 @@ pub struct Prepared {
     /// own work (`docs/clones.md`). `None` when the agent reports no times (one older than
     /// `report_timing`).
     pub guest_us: Option<u64>,
+    /// How long the VMM waited on the guest for the readiness connection (and any the guest
+    /// accepted and then ended before it), in microseconds
+    /// (its `vsock_connection` figure, `docs/vsock.md`): the agent's work plus the guest
+    /// kernel's vsock transport. `None` when the VMM could not say (an older VMM).
+    pub guest_wait_us: Option<u64>,
 }
 
 /// The steps that make a clone unique beyond its identity.

@@ -4,7 +4,9 @@
 //! Making a clone ready is one trip into the guest: the `CONNECT` line and every step
 //! (entropy, clock, identity, hooks, preceded by `report_timing`) go out in one write, the
 //! VMM hands the steps to the agent as soon as the guest accepts the connection, and the
-//! agent answers them all in one write, each with its own handling time.
+//! agent answers them all in one write, each with its own handling time. Before the
+//! connection closes, the VMM's control socket says how long it waited on the guest for it
+//! (`vsock_connection`), which splits the rest into the host's time and the guest kernel's.
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -14,6 +16,11 @@ use agent::client::{Client, ClientError, Pipeline};
 use agent::protocol::{
     ClockRequest, IdentityRequest, Request as AgentRequest, ReseedRequest,
     Response as AgentResponse, RunHooksRequest,
+};
+
+use vmm::control::client::ControlClient;
+use vmm::control::protocol::{
+    Request as ControlRequest, Response as ControlResponse, VsockConnectionRequest,
 };
 
 use crate::backend::{AgentError, Prepare, Prepared};
@@ -36,13 +43,17 @@ const HANDSHAKE_TIMEOUT: Duration = if cfg!(test) {
 /// The first pause before trying again to reach an agent that is not listening (yet): a
 /// clone's agent listens at once, so a miss there is a moment's race.
 const RETRY_FIRST: Duration = Duration::from_millis(1);
+/// How long the VMM's control socket may take to give a connection's figures: they are
+/// optional, and readiness does not wait long for them.
+const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest pause between attempts. Each attempt is a connection request the guest's
 /// kernel must refuse, which costs a booting guest time under an emulated kernel; a booting
 /// agent is not waited for more than this much longer than necessary.
 const RETRY_MAX: Duration = Duration::from_millis(50);
 
 /// Has the agent behind `socket` apply `prep` (waiting up to `prep.timeout` for it to
-/// listen) and returns the hooks' results and the guest's own time.
+/// listen) and returns the hooks' results, the guest's own time and, when `control` (the
+/// VMM's control socket) answers, how long the VMM waited on the guest for the connection.
 ///
 /// Tried again: the handshake (refused, timed out, no socket yet: until the VMM has answered
 /// `OK` it has passed nothing to the guest), and a connection that ends before the agent's
@@ -51,13 +62,20 @@ const RETRY_MAX: Duration = Duration::from_millis(50);
 /// with the first connection request, and the guest may accept the connection before it
 /// handles the reset, which then ends it. After that answer nothing is tried again: the
 /// steps may have been applied, and post-clone hooks must not run twice.
-pub(crate) fn prepare(socket: &Path, prep: &Prepare) -> Result<Prepared, AgentError> {
+pub(crate) fn prepare(
+    socket: &Path,
+    control: Option<&Path>,
+    prep: &Prepare,
+) -> Result<Prepared, AgentError> {
     if prep.clone.is_some() {
         // The clone's clock is set from the host's: it must make sense.
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_err(|e| AgentError::Unavailable(format!("host clock: {e}")))?;
     }
+    // The VMM's wait on the guest for connections the guest accepted and then ended (the
+    // restore's transport reset): guest time too, although no step ran.
+    let mut ended_wait_us = 0u64;
     let (mut agent, pipeline) = with_retries(prep.timeout, || {
         // Built for each attempt, so that the clock sent is the time of the attempt.
         let pipeline = steps(prep).map_err(Retry::No)?;
@@ -74,14 +92,17 @@ pub(crate) fn prepare(socket: &Path, prep: &Prepare) -> Result<Prepared, AgentEr
         agent
             .set_timeout(Some(AGENT_IO_TIMEOUT))
             .map_err(Retry::No)?;
-        agent.taken().map_err(|e| {
-            if e.ended_early() {
-                Retry::Yes(e)
-            } else {
-                Retry::No(e)
+        match agent.taken() {
+            Ok(()) => Ok((agent, pipeline)),
+            Err(e) if e.ended_early() => {
+                if let (Some(control), Some(port)) = (control, agent.host_port()) {
+                    let waited = guest_wait_us(control, port).unwrap_or(0);
+                    ended_wait_us = ended_wait_us.saturating_add(waited);
+                }
+                Err(Retry::Yes(e))
             }
-        })?;
-        Ok((agent, pipeline))
+            Err(e) => Err(Retry::No(e)),
+        }
     })?;
     if prep.clone.is_some() {
         // Hooks may take a while each: the agent limits every one (60 s by default).
@@ -90,6 +111,14 @@ pub(crate) fn prepare(socket: &Path, prep: &Prepare) -> Result<Prepared, AgentEr
             .map_err(agent_error)?;
     }
     let answers = agent.step_answers(&pipeline).map_err(agent_error)?;
+    // Asked while the connection is still open, so the VMM has it at hand (it keeps the
+    // last few closed ones too) and nothing of the teardown is in the figure.
+    let guest_wait_us = match (control, agent.host_port()) {
+        (Some(control), Some(port)) => {
+            guest_wait_us(control, port).map(|us| us.saturating_add(ended_wait_us))
+        }
+        _ => None,
+    };
     // The agent's own figures: a guest could overstate them, which only shrinks what the
     // daemon reports as Grove's share (never below zero, see the orchestrator).
     let guest_us = answers.iter().try_fold(0u64, |sum, answer| {
@@ -106,7 +135,38 @@ pub(crate) fn prepare(socket: &Path, prep: &Prepare) -> Result<Prepared, AgentEr
             .collect(),
         _ => Vec::new(),
     };
-    Ok(Prepared { hooks, guest_us })
+    Ok(Prepared {
+        hooks,
+        guest_us,
+        guest_wait_us,
+    })
+}
+
+/// How long the VMM behind `control` waited on the guest for the connection with host port
+/// `host_port`; `None` (logged) when it cannot say: an older VMM, one without the figures.
+fn guest_wait_us(control: &Path, host_port: u32) -> Option<u64> {
+    let answer =
+        ControlClient::connect_with_timeout(control, Some(STATS_TIMEOUT)).and_then(|mut c| {
+            c.request(ControlRequest::VsockConnection(VsockConnectionRequest {
+                host_port,
+            }))
+        });
+    match answer {
+        Ok(ControlResponse::VsockConnection(info)) if info.host_port == host_port => {
+            Some(info.guest_wait_us)
+        }
+        Ok(other) => {
+            log::info!("no vsock figures for host port {host_port}: the VMM answered {other:?}");
+            None
+        }
+        Err(e) => {
+            log::info!(
+                "no vsock figures for host port {host_port} from {}: {e}",
+                control.display()
+            );
+            None
+        }
+    }
 }
 
 /// The readiness steps of `prep`, in order: entropy, clock (now), identity, hooks.

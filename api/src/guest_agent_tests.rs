@@ -202,6 +202,46 @@ impl std::os::fd::AsFd for Prefixed {
     }
 }
 
+/// A stand-in for the VMM's control socket: answers one connection's request with each of
+/// `answers` in turn and returns the requests.
+fn fake_control(
+    path: &std::path::Path,
+    answers: Vec<ControlResponse>,
+) -> JoinHandle<Vec<ControlRequest>> {
+    use vmm::control::protocol::{self as control, RequestEnvelope, ResponseEnvelope};
+    let listener = UnixListener::bind(path).expect("bind control");
+    std::thread::spawn(move || {
+        let mut requests = Vec::new();
+        for answer in answers {
+            let (mut stream, _) = listener.accept().expect("accept control");
+            let body = control::read_frame(&mut stream).expect("frame");
+            let request: RequestEnvelope = control::decode(&body).expect("request");
+            let reply = ResponseEnvelope {
+                version: request.version,
+                id: request.id,
+                response: answer,
+            };
+            control::write_frame(&mut stream, &reply).expect("answer");
+            requests.push(request.request);
+        }
+        requests
+    })
+}
+
+fn figures(host_port: u32, guest_wait_us: u64) -> ControlResponse {
+    ControlResponse::VsockConnection(vmm::control::protocol::VsockConnectionInfo {
+        host_port,
+        guest_port: 52,
+        open: true,
+        guest_wait_us,
+        lifetime_us: guest_wait_us + 100,
+        packets_to_guest: 2,
+        packets_from_guest: 3,
+        bytes_to_guest: 300,
+        bytes_from_guest: 200,
+    })
+}
+
 fn prep(clone: bool, timeout: Duration) -> Prepare {
     Prepare {
         identity: GuestIdentity {
@@ -218,7 +258,8 @@ fn prep(clone: bool, timeout: Duration) -> Prepare {
 #[test]
 fn a_clone_is_prepared_in_one_write_after_refusals_with_the_guests_time() {
     let fixture = Fixture::start("clone", Vmm::RefuseFirst(2), true);
-    let prepared = prepare(&fixture.socket, &prep(true, Duration::from_secs(10))).expect("ready");
+    let prepared =
+        prepare(&fixture.socket, None, &prep(true, Duration::from_secs(10))).expect("ready");
     assert_eq!(prepared.hooks, Vec::new());
     assert!(prepared.guest_us.is_some(), "the agent timed its work");
     assert_eq!(
@@ -246,7 +287,8 @@ fn a_handshake_the_vmm_does_not_answer_is_abandoned_and_made_again() {
     // Early in a boot: the first clients time out in the VMM's backlog (300 ms in tests),
     // are closed, and a later one is served. The dead ones deliver nothing.
     let fixture = Fixture::start("silent", Vmm::SilentFor(Duration::from_millis(700)), true);
-    let prepared = prepare(&fixture.socket, &prep(true, Duration::from_secs(10))).expect("ready");
+    let prepared =
+        prepare(&fixture.socket, None, &prep(true, Duration::from_secs(10))).expect("ready");
     assert!(prepared.guest_us.is_some());
     assert!(fixture.connections.load(Ordering::SeqCst) >= 2);
     assert_eq!(
@@ -259,7 +301,8 @@ fn a_handshake_the_vmm_does_not_answer_is_abandoned_and_made_again() {
 #[test]
 fn a_boot_gets_its_identity_only() {
     let fixture = Fixture::start("boot", Vmm::RefuseFirst(0), true);
-    let prepared = prepare(&fixture.socket, &prep(false, Duration::from_secs(10))).expect("ready");
+    let prepared =
+        prepare(&fixture.socket, None, &prep(false, Duration::from_secs(10))).expect("ready");
     assert!(prepared.guest_us.is_some());
     assert_eq!(fixture.recorder.calls(), ["hostname feature-x"]);
 }
@@ -267,7 +310,7 @@ fn a_boot_gets_its_identity_only() {
 #[test]
 fn an_agent_error_is_reported_with_its_code() {
     let fixture = Fixture::start("refusing", Vmm::RefuseFirst(0), false);
-    match prepare(&fixture.socket, &prep(true, Duration::from_secs(10))) {
+    match prepare(&fixture.socket, None, &prep(true, Duration::from_secs(10))) {
         Err(AgentError::Guest { code, .. }) => assert_eq!(code, "unsupported"),
         other => panic!("{other:?}"),
     }
@@ -278,7 +321,8 @@ fn an_agent_error_is_reported_with_its_code() {
 fn a_connection_ended_before_the_agent_took_it_is_made_again() {
     // After a restore: accepted, then ended by the guest's transport reset, twice.
     let fixture = Fixture::start("reset", Vmm::AcceptThenClose(2), true);
-    let prepared = prepare(&fixture.socket, &prep(true, Duration::from_secs(10))).expect("ready");
+    let prepared =
+        prepare(&fixture.socket, None, &prep(true, Duration::from_secs(10))).expect("ready");
     assert!(prepared.guest_us.is_some());
     assert_eq!(fixture.connections.load(Ordering::SeqCst), 3);
     assert_eq!(
@@ -292,7 +336,7 @@ fn a_connection_ended_before_the_agent_took_it_is_made_again() {
 fn a_connection_lost_after_the_agent_took_it_is_not_tried_again() {
     // The steps may have been applied (hooks must not run twice): an error, one connection.
     let fixture = Fixture::start("lost", Vmm::LostAfterTaken, true);
-    match prepare(&fixture.socket, &prep(true, Duration::from_secs(10))) {
+    match prepare(&fixture.socket, None, &prep(true, Duration::from_secs(10))) {
         Err(AgentError::Unavailable(_)) => {}
         other => panic!("{other:?}"),
     }
@@ -303,7 +347,11 @@ fn a_connection_lost_after_the_agent_took_it_is_not_tried_again() {
 fn waiting_for_an_agent_backs_off_and_gives_up_in_time() {
     let fixture = Fixture::start("absent", Vmm::RefuseFirst(usize::MAX), true);
     let started = Instant::now();
-    match prepare(&fixture.socket, &prep(true, Duration::from_millis(250))) {
+    match prepare(
+        &fixture.socket,
+        None,
+        &prep(true, Duration::from_millis(250)),
+    ) {
         Err(AgentError::Unavailable(message)) => {
             assert!(message.contains("refused"), "{message}")
         }
@@ -323,5 +371,86 @@ fn waiting_for_an_agent_backs_off_and_gives_up_in_time() {
             assert!(message.contains("still, after"), "{message}")
         }
         other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_vmm_says_how_long_it_waited_on_the_guest_for_the_connection() {
+    let fixture = Fixture::start("wait", Vmm::RefuseFirst(0), true);
+    let control = fixture.dir.join("control.sock");
+    let vmm = fake_control(&control, vec![figures(1 << 30, 4321)]);
+    let prepared = prepare(
+        &fixture.socket,
+        Some(&control),
+        &prep(true, Duration::from_secs(10)),
+    )
+    .expect("ready");
+    assert_eq!(prepared.guest_wait_us, Some(4321));
+    // Asked for the port of the `OK` line.
+    assert_eq!(
+        vmm.join().expect("control"),
+        [ControlRequest::VsockConnection(VsockConnectionRequest {
+            host_port: 1 << 30
+        })]
+    );
+}
+
+#[test]
+fn the_wait_on_connections_the_guest_ended_counts_as_the_guests() {
+    // After a restore: two connections accepted and then ended by the transport reset, the
+    // third served. The VMM's wait on all three is the guest's.
+    let fixture = Fixture::start("ended-wait", Vmm::AcceptThenClose(2), true);
+    let control = fixture.dir.join("control.sock");
+    let vmm = fake_control(
+        &control,
+        vec![
+            figures(1 << 30, 100_000),
+            figures(1 << 30, 200_000),
+            figures(1 << 30, 4321),
+        ],
+    );
+    let prepared = prepare(
+        &fixture.socket,
+        Some(&control),
+        &prep(true, Duration::from_secs(10)),
+    )
+    .expect("ready");
+    assert_eq!(prepared.guest_wait_us, Some(304_321));
+    assert_eq!(vmm.join().expect("control").len(), 3);
+}
+
+#[test]
+fn readiness_does_not_depend_on_the_vmms_figures() {
+    // No control socket, an error answer, figures of another connection: no wait, ready all
+    // the same.
+    let fixture = Fixture::start("nowait", Vmm::RefuseFirst(0), true);
+    let absent = fixture.dir.join("absent.sock");
+    let prepared = prepare(
+        &fixture.socket,
+        Some(&absent),
+        &prep(false, Duration::from_secs(10)),
+    )
+    .expect("ready");
+    assert_eq!(prepared.guest_wait_us, None);
+    for (i, answer) in [
+        ControlResponse::error(
+            vmm::control::protocol::ErrorCode::BadRequest,
+            "unknown type",
+        ),
+        figures(7, 4321),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let control = fixture.dir.join(format!("control{i}.sock"));
+        let vmm = fake_control(&control, vec![answer]);
+        let prepared = prepare(
+            &fixture.socket,
+            Some(&control),
+            &prep(false, Duration::from_secs(10)),
+        )
+        .expect("ready");
+        assert_eq!(prepared.guest_wait_us, None);
+        vmm.join().expect("control");
     }
 }

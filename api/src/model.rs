@@ -174,6 +174,21 @@ pub struct Readiness {
     /// and writing of the connection).
     #[serde(default)]
     pub added_ms: Option<f64>,
+    /// Of `ready_ms`, how long the VMM waited on the guest for the readiness connection (and
+    /// any the guest accepted and ended before it): from handing it the connection request or
+    /// the steps to its last answer (the VMM's `vsock_connection` figure, `docs/vsock.md`).
+    /// `None` when the VMM could not say.
+    #[serde(default)]
+    pub guest_wait_ms: Option<f64>,
+    /// Of `ready_ms`, the host's time: `ready_ms - guest_wait_ms` (the daemon, the Unix
+    /// socket, the VMM's vsock device and its threads waiting for a CPU).
+    #[serde(default)]
+    pub host_ms: Option<f64>,
+    /// Of `ready_ms`, the guest's time outside the agent's steps: `guest_wait_ms - guest_ms`,
+    /// at least 0 (the guest kernel's interrupt and vsock work, the agent's reading and
+    /// writing of the connection). `added_ms` = `host_ms` + `guest_transport_ms`.
+    #[serde(default)]
+    pub guest_transport_ms: Option<f64>,
     /// The hostname the guest now has (the environment's name, made a valid hostname).
     pub hostname: String,
     /// Whether fresh host entropy was mixed into the guest's pool and its clock set (branches).

@@ -59,6 +59,39 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// How the time to readiness divides (`docs/clones.md`, "How long it takes").
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct ReadySplit {
+    pub guest_ms: Option<f64>,
+    pub added_ms: Option<f64>,
+    pub guest_wait_ms: Option<f64>,
+    pub host_ms: Option<f64>,
+    pub guest_transport_ms: Option<f64>,
+}
+
+impl ReadySplit {
+    /// Divides `ready_ms` by the agent's own time (`guest_us`, summed over its steps) and
+    /// the VMM's wait on the guest (`guest_wait_us`). What the agent measured for itself is
+    /// the guest's own work and the rest Grove's (`added`); the VMM's wait splits that rest
+    /// into the host's time and the guest kernel's transport. Each guest figure is capped at
+    /// the whole, and the transport is at least 0: a guest clock, or a guest that overstates,
+    /// cannot make a share negative.
+    pub(crate) fn of(ready_ms: f64, guest_us: Option<u64>, guest_wait_us: Option<u64>) -> Self {
+        let capped = |us: u64| (us as f64 / 1000.0).min(ready_ms);
+        let guest_ms = guest_us.map(capped);
+        let guest_wait_ms = guest_wait_us.map(capped);
+        Self {
+            guest_ms,
+            added_ms: guest_ms.map(|guest| ready_ms - guest),
+            guest_wait_ms,
+            host_ms: guest_wait_ms.map(|wait| ready_ms - wait),
+            guest_transport_ms: guest_wait_ms
+                .zip(guest_ms)
+                .map(|(wait, guest)| (wait - guest).max(0.0)),
+        }
+    }
+}
+
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
 }
@@ -553,7 +586,11 @@ impl<B: Backend> Orchestrator<B> {
                 BOOT_AGENT_TIMEOUT
             },
         };
-        let Prepared { hooks, guest_us } = self
+        let Prepared {
+            hooks,
+            guest_us,
+            guest_wait_us,
+        } = self
             .backend
             .agent_prepare(&row.dir, &prep)
             .await
@@ -574,14 +611,14 @@ impl<B: Backend> Orchestrator<B> {
             ));
         }
         let ready_ms = ms(started);
-        // What the agent measured for itself is the guest's own work; the rest is Grove's
-        // (docs/clones.md). The agent's figure is capped at the whole: a guest clock or a
-        // guest that overstates cannot make Grove's share negative.
-        let guest_ms = guest_us.map(|us| (us as f64 / 1000.0).min(ready_ms));
+        let split = ReadySplit::of(ready_ms, guest_us, guest_wait_us);
         let ready = Readiness {
             ready_ms,
-            guest_ms,
-            added_ms: guest_ms.map(|guest| ready_ms - guest),
+            guest_ms: split.guest_ms,
+            added_ms: split.added_ms,
+            guest_wait_ms: split.guest_wait_ms,
+            host_ms: split.host_ms,
+            guest_transport_ms: split.guest_transport_ms,
             hostname,
             reseeded: clone,
             hooks,

@@ -18,7 +18,7 @@ use crate::model::{
     CreateEnvironment, CreateImage, EnvState, ExecRequest, HookResult, SnapshotMode,
 };
 use crate::network::{EnvNetwork, NetworkConfig};
-use crate::orchestrator::Orchestrator;
+use crate::orchestrator::{Orchestrator, ReadySplit};
 use crate::service::Service;
 
 /// Fake VMMs: a pid per start, alive until `exit` is called.
@@ -584,6 +584,7 @@ fn hooks(hooks: Vec<HookResult>) -> Prepared {
     Prepared {
         hooks,
         guest_us: None,
+        guest_wait_us: None,
     }
 }
 
@@ -597,6 +598,7 @@ async fn readiness_splits_the_guests_own_work_from_what_grove_added() {
     *s.fake.prepare.lock().unwrap() = Ok(Prepared {
         hooks: Vec::new(),
         guest_us: Some(12_500),
+        guest_wait_us: Some(20_000),
     });
     let x = s
         .orch
@@ -608,11 +610,22 @@ async fn readiness_splits_the_guests_own_work_from_what_grove_added() {
     assert_eq!(ready.guest_ms, Some(12.5));
     let added = ready.added_ms.expect("added");
     assert!((added + 12.5 - ready.ready_ms).abs() < 1e-9, "{ready:?}");
+    // The VMM waited 20 ms on the guest: 7.5 ms of it outside the agent's steps, the rest
+    // of the whole is the host's.
+    assert_eq!(ready.guest_wait_ms, Some(20.0));
+    assert_eq!(ready.guest_transport_ms, Some(7.5));
+    let host = ready.host_ms.expect("host");
+    assert!((host + 20.0 - ready.ready_ms).abs() < 1e-9, "{ready:?}");
+    assert!(
+        (host + 7.5 - added).abs() < 1e-9,
+        "added = host + transport: {ready:?}"
+    );
 
     // A guest claiming more than the whole is capped: Grove's share is never negative.
     *s.fake.prepare.lock().unwrap() = Ok(Prepared {
         hooks: Vec::new(),
         guest_us: Some(u64::MAX),
+        guest_wait_us: None,
     });
     let y = s
         .orch
@@ -622,6 +635,9 @@ async fn readiness_splits_the_guests_own_work_from_what_grove_added() {
     let ready = y.ready.expect("ready");
     assert_eq!(ready.guest_ms, Some(ready.ready_ms));
     assert_eq!(ready.added_ms, Some(0.0));
+    // A VMM that gave no figures: no host or transport share.
+    assert_eq!((ready.guest_wait_ms, ready.host_ms), (None, None));
+    assert_eq!(ready.guest_transport_ms, None);
 
     // An agent that reports no times: neither figure.
     *s.fake.prepare.lock().unwrap() = Ok(Prepared::default());
@@ -1114,4 +1130,35 @@ async fn a_sync_to_a_changed_snapshot_leaves_the_environment_untouched() {
         "staging runs on as before"
     );
     assert!(s.fake.alive.lock().unwrap().contains(&row.pid.unwrap()));
+}
+
+#[test]
+fn the_ready_time_splits_into_host_guest_transport_and_guest_work() {
+    let s = ReadySplit::of(300.0, Some(10_000), Some(295_000));
+    assert_eq!(s.guest_ms, Some(10.0));
+    assert_eq!(s.added_ms, Some(290.0));
+    assert_eq!(s.guest_wait_ms, Some(295.0));
+    assert_eq!(s.host_ms, Some(5.0));
+    assert_eq!(s.guest_transport_ms, Some(285.0));
+    // A wait beyond the whole is capped; an agent claiming more than the wait leaves no
+    // transport, never a negative one.
+    let s = ReadySplit::of(100.0, Some(90_000), Some(500_000));
+    assert_eq!((s.guest_wait_ms, s.host_ms), (Some(100.0), Some(0.0)));
+    assert_eq!(s.guest_transport_ms, Some(10.0));
+    let s = ReadySplit::of(100.0, Some(60_000), Some(50_000));
+    assert_eq!(s.guest_transport_ms, Some(0.0));
+    // Without the agent's times there is no transport figure, but the host's still is.
+    let s = ReadySplit::of(100.0, None, Some(40_000));
+    assert_eq!(
+        (s.guest_ms, s.added_ms, s.guest_transport_ms),
+        (None, None, None)
+    );
+    assert_eq!(s.host_ms, Some(60.0));
+    // Without the VMM's: the figures there were before.
+    let s = ReadySplit::of(100.0, Some(40_000), None);
+    assert_eq!((s.guest_ms, s.added_ms), (Some(40.0), Some(60.0)));
+    assert_eq!(
+        (s.guest_wait_ms, s.host_ms, s.guest_transport_ms),
+        (None, None, None)
+    );
 }

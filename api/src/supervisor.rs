@@ -560,8 +560,9 @@ impl Backend for Supervisor {
 
     async fn agent_prepare(&self, dir: &Path, prep: &Prepare) -> Result<Prepared, AgentError> {
         let socket = dir.join(VSOCK);
+        let control = dir.join(CONTROL);
         let prep = prep.clone();
-        blocking(move || crate::guest_agent::prepare(&socket, &prep)).await
+        blocking(move || crate::guest_agent::prepare(&socket, Some(&control), &prep)).await
     }
 
     async fn agent_exec(&self, dir: &Path, cmd: GuestCommand) -> Result<GuestOutput, AgentError> {

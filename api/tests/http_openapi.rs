@@ -247,6 +247,9 @@ fn readiness() -> Readiness {
         ready_ms: 1.0,
         guest_ms: Some(0.75),
         added_ms: Some(0.25),
+        guest_wait_ms: Some(0.9),
+        host_ms: Some(0.1),
+        guest_transport_ms: Some(0.15),
         hostname: "h".into(),
         reseeded: true,
         hooks: vec![HookResult {

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use crate::config::VmConfig;
 use crate::control::protocol::{
     DiskStatus, ErrorCode, PassInfo, PrecopyInfo, Request, Response, SnapshotInfo, SnapshotKind,
-    SnapshotMode, SnapshotRequest, StatusInfo, VmGenIdStatus, VmRunState, VsockStatus,
+    SnapshotMode, SnapshotRequest, StatusInfo, VmGenIdStatus, VmRunState, VsockConnectionInfo,
+    VsockStatus,
 };
 use crate::control::ControlHandler;
 use crate::device_manager::{
@@ -593,6 +594,42 @@ impl VmmShared {
         }
     }
 
+    /// The figures of the host-initiated vsock connection `host_port` (`docs/vsock.md`).
+    fn vsock_connection(&self, host_port: u32) -> Response {
+        let vsock = self
+            .devices
+            .virtio
+            .iter()
+            .find_map(|slot| match &slot.device {
+                VirtioDeviceHandle::Vsock(v) => Some(v),
+                _ => None,
+            });
+        let Some(vsock) = vsock else {
+            return Response::error(ErrorCode::InvalidState, "the VM has no vsock device");
+        };
+        let Some(s) = lock(vsock).connection_stats(host_port) else {
+            return Response::error(
+                ErrorCode::NotFound,
+                format!(
+                    "no host vsock connection with port {host_port} is open or among the last {} closed",
+                    crate::devices::virtio::vsock::CLOSED_KEPT
+                ),
+            );
+        };
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        Response::VsockConnection(VsockConnectionInfo {
+            host_port: s.host_port,
+            guest_port: s.guest_port,
+            open: s.open,
+            guest_wait_us: us(s.guest_wait),
+            lifetime_us: us(s.lifetime),
+            packets_to_guest: s.packets_to_guest,
+            packets_from_guest: s.packets_from_guest,
+            bytes_to_guest: s.bytes_to_guest,
+            bytes_from_guest: s.bytes_from_guest,
+        })
+    }
+
     /// Stops the vCPU threads (taking them out of the shared list first, so a control
     /// request waiting for the list never waits for a joining thread).
     fn join_vcpus(&self) {
@@ -677,6 +714,7 @@ impl ControlHandler for VmmShared {
                 algorithm: "blake3".into(),
                 digest,
             }),
+            Request::VsockConnection(r) => return self.vsock_connection(r.host_port),
         };
         result.unwrap_or_else(|e| error_response(&e))
     }

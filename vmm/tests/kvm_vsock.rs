@@ -1,7 +1,8 @@
 //! The vsock device's wiring on real KVM with the tiny test guest (which has no vsock
 //! driver: packet handling is covered by the unit tests against mock queues): the socket is
 //! created and reported by `status`, a snapshot records it, a clone running beside its
-//! source must listen elsewhere (`vsock_override`), and the sockets go with their VMs.
+//! source must listen elsewhere (`vsock_override`), and the sockets go with their VMs; the
+//! `vsock_connection` query reaches the device (or says there is none).
 //! Needs /dev/kvm.
 
 use std::os::unix::fs::PermissionsExt;
@@ -9,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use vmm::builder::{restore, RestoreOptions, StartOptions};
-use vmm::control::protocol::{Request, Response, SnapshotRequest, VsockStatus};
+use vmm::control::protocol::{
+    ErrorCode, Request, Response, SnapshotRequest, VsockConnectionRequest, VsockStatus,
+};
 use vmm::control::ControlHandler;
 use vmm::{ConsoleIo, VmConfig, Vmm, VsockConfig};
 
@@ -36,6 +39,18 @@ fn guest(vsock: Option<VsockConfig>) -> Vmm {
 fn vsock_status(vm: &Vmm) -> Option<VsockStatus> {
     match vm.shared().handle(Request::Status) {
         Response::Status(s) => s.vsock,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The error code of a `vsock_connection` query for `host_port`.
+fn vsock_connection_error(vm: &Vmm, host_port: u32) -> ErrorCode {
+    match vm
+        .shared()
+        .handle(Request::VsockConnection(VsockConnectionRequest {
+            host_port,
+        })) {
+        Response::Error(e) => e.code,
         other => panic!("{other:?}"),
     }
 }
@@ -76,6 +91,11 @@ fn the_socket_follows_boot_snapshot_and_clones() {
             uds_path: sock.clone(),
         })
     );
+    // No host client connected (the test guest has no driver): no connection figures.
+    assert_eq!(
+        vsock_connection_error(&source, 1 << 30),
+        ErrorCode::NotFound
+    );
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     let snap = tmp.join("snap");
@@ -112,6 +132,10 @@ fn an_override_needs_a_vsock_device_and_bad_cids_are_refused() {
     let tmp = TempDir::new("vsock-none");
     let vm = guest(None);
     assert_eq!(vsock_status(&vm), None);
+    assert_eq!(
+        vsock_connection_error(&vm, 1 << 30),
+        ErrorCode::InvalidState
+    );
     let snap = tmp.join("snap");
     snapshot(&vm, &snap);
     vm.stop();

@@ -567,6 +567,7 @@ fn connect_uds_does_the_vsock_handshake() {
     let vmm = fake_vmm(&path, true);
     let mut client =
         Client::connect_uds(&path, crate::AGENT_PORT, Duration::from_secs(10)).expect("connect");
+    assert_eq!(client.host_port(), Some(1 << 30), "the port of the OK line");
     assert_eq!(client.ping().expect("ping").version, PROTOCOL_VERSION);
     let (status, out, _) = exec_collect(
         &mut client,

@@ -732,8 +732,12 @@ async fn exec(client: &Client, name: &str, req: &ExecRequest) -> anyhow::Result<
 fn readiness(ready: Option<&Readiness>) -> String {
     match ready {
         Some(r) => {
-            let split = match (r.guest_ms, r.added_ms) {
-                (Some(guest), Some(added)) => {
+            let split = match (r.guest_ms, r.added_ms, r.host_ms, r.guest_transport_ms) {
+                (Some(guest), Some(added), Some(host), Some(transport)) => format!(
+                    " (guest's own work {guest:.1} ms, added {added:.1} ms: host {host:.1} ms, \
+                     guest transport {transport:.1} ms)"
+                ),
+                (Some(guest), Some(added), _, _) => {
                     format!(" (guest's own work {guest:.1} ms, added by Grove {added:.1} ms)")
                 }
                 _ => String::new(),
@@ -1040,6 +1044,9 @@ mod tests {
             ready_ms: 40.25,
             guest_ms: Some(30.0),
             added_ms: Some(10.25),
+            guest_wait_ms: None,
+            host_ms: None,
+            guest_transport_ms: None,
             hostname: "feature-x".into(),
             reseeded: true,
             hooks: Vec::new(),
@@ -1048,6 +1055,12 @@ mod tests {
             readiness(Some(&ready)),
             "  ready after 40.2 ms more (guest's own work 30.0 ms, added by Grove 10.2 ms): \
              hostname feature-x, reseeded, clock set\n"
+        );
+        (ready.host_ms, ready.guest_transport_ms) = (Some(2.0), Some(8.25));
+        assert_eq!(
+            readiness(Some(&ready)),
+            "  ready after 40.2 ms more (guest's own work 30.0 ms, added 10.2 ms: host 2.0 ms, \
+             guest transport 8.2 ms): hostname feature-x, reseeded, clock set\n"
         );
         (ready.guest_ms, ready.added_ms) = (None, None);
         assert_eq!(

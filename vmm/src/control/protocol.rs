@@ -76,6 +76,16 @@ pub enum Request {
     /// A digest of guest memory, to check that a restored VM has the memory it was saved
     /// with.
     MemoryDigest,
+    /// The figures of one host-initiated vsock connection (open or recently closed): how
+    /// long the VMM waited on the guest for it, and what went each way.
+    VsockConnection(VsockConnectionRequest),
+}
+
+/// Which vsock connection: the host port of its `OK <port>` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConnectionRequest {
+    pub host_port: u32,
 }
 
 /// How `Request` is read. serde ignores unknown fields next to the tag of a unit variant
@@ -90,6 +100,7 @@ enum RequestRepr {
     Snapshot(SnapshotRequest),
     Shutdown {},
     MemoryDigest {},
+    VsockConnection(VsockConnectionRequest),
 }
 
 impl From<RequestRepr> for Request {
@@ -101,6 +112,7 @@ impl From<RequestRepr> for Request {
             RequestRepr::Snapshot(s) => Self::Snapshot(s),
             RequestRepr::Shutdown {} => Self::Shutdown,
             RequestRepr::MemoryDigest {} => Self::MemoryDigest,
+            RequestRepr::VsockConnection(r) => Self::VsockConnection(r),
         }
     }
 }
@@ -167,6 +179,7 @@ pub enum Response {
         /// The digest in lower-case hex.
         digest: String,
     },
+    VsockConnection(VsockConnectionInfo),
     Error(ErrorInfo),
 }
 
@@ -178,6 +191,7 @@ enum ResponseRepr {
     Ok {},
     Snapshot(SnapshotInfo),
     MemoryDigest { algorithm: String, digest: String },
+    VsockConnection(VsockConnectionInfo),
     Error(ErrorInfo),
 }
 
@@ -190,6 +204,7 @@ impl From<ResponseRepr> for Response {
             ResponseRepr::MemoryDigest { algorithm, digest } => {
                 Self::MemoryDigest { algorithm, digest }
             }
+            ResponseRepr::VsockConnection(c) => Self::VsockConnection(c),
             ResponseRepr::Error(e) => Self::Error(e),
         }
     }
@@ -244,6 +259,26 @@ pub struct VmGenIdStatus {
     pub id: String,
     /// Guest-physical address of the first byte.
     pub addr: u64,
+}
+
+/// Answer to `VsockConnection` (`docs/vsock.md`, "Connection figures").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConnectionInfo {
+    pub host_port: u32,
+    pub guest_port: u32,
+    /// Whether the connection is still open (else it is one of the last few closed).
+    pub open: bool,
+    /// Microseconds the VMM waited on the guest: from handing it the REQUEST or data to its
+    /// last answer before the next hand-over, summed.
+    pub guest_wait_us: u64,
+    /// Microseconds from the `CONNECT` line to the close, or to now while open.
+    pub lifetime_us: u64,
+    pub packets_to_guest: u64,
+    pub packets_from_guest: u64,
+    /// Payload bytes each way.
+    pub bytes_to_guest: u64,
+    pub bytes_from_guest: u64,
 }
 
 /// One disk as the VM uses it now.
@@ -338,6 +373,8 @@ pub enum ErrorCode {
     InvalidState,
     /// The request was tried and failed.
     Failed,
+    /// What the request names does not exist (e.g. an unknown vsock connection).
+    NotFound,
 }
 
 /// Encodes `msg` as one frame: length prefix and JSON body.
@@ -406,6 +443,7 @@ mod tests {
             Request::Resume,
             Request::Shutdown,
             Request::MemoryDigest,
+            Request::VsockConnection(VsockConnectionRequest { host_port: 1 << 30 }),
             Request::Snapshot(SnapshotRequest {
                 dir: "/tmp/s".into(),
                 kind: SnapshotKind::Diff,
@@ -476,7 +514,19 @@ mod tests {
                 algorithm: "sha256".into(),
                 digest: "00ff".into(),
             },
+            Response::VsockConnection(VsockConnectionInfo {
+                host_port: 1 << 30,
+                guest_port: 52,
+                open: true,
+                guest_wait_us: 314_000,
+                lifetime_us: 320_000,
+                packets_to_guest: 3,
+                packets_from_guest: 4,
+                bytes_to_guest: 512,
+                bytes_from_guest: 256,
+            }),
             Response::error(ErrorCode::InvalidState, "not paused"),
+            Response::error(ErrorCode::NotFound, "no such connection"),
         ];
         for response in responses {
             let env = ResponseEnvelope {
@@ -509,6 +559,17 @@ mod tests {
             err,
             json!({"type": "error", "code": "too_large", "message": "x"})
         );
+        let req = parse_request(json!({
+            "version": 1,
+            "request": {"type": "vsock_connection", "host_port": 1073741824u32}
+        }))
+        .unwrap();
+        assert_eq!(
+            req.request,
+            Request::VsockConnection(VsockConnectionRequest { host_port: 1 << 30 })
+        );
+        let err = serde_json::to_value(Response::error(ErrorCode::NotFound, "x")).unwrap();
+        assert_eq!(err["code"], "not_found");
         let frame = encode(&Response::Ok).unwrap();
         assert_eq!(&frame[..4], &[0, 0, 0, 13]);
         assert_eq!(&frame[4..], br#"{"type":"ok"}"#);
@@ -541,6 +602,9 @@ mod tests {
             json!({"version": 1, "request": {"type": "snapshot", "dir": "/s", "x": 1}}),
             json!({"version": 1, "request": {"type": "reboot"}}),
             json!({"version": 1, "request": {"type": "status"}, "extra": true}),
+            json!({"version": 1, "request": {"type": "vsock_connection"}}),
+            json!({"version": 1, "request": {"type": "vsock_connection", "host_port": -1}}),
+            json!({"version": 1, "request": {"type": "vsock_connection", "host_port": 1, "x": 0}}),
             json!({"version": 1, "request": {"type": "snapshot", "dir": "/s", "kind": "half"}}),
             json!({"version": 1}),
             json!({"request": {"type": "status"}}),

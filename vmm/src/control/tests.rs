@@ -43,6 +43,23 @@ fn status_info() -> StatusInfo {
     }
 }
 
+/// The one vsock connection the mock knows.
+const MOCK_PORT: u32 = 1 << 30;
+
+fn mock_connection() -> VsockConnectionInfo {
+    VsockConnectionInfo {
+        host_port: MOCK_PORT,
+        guest_port: 52,
+        open: false,
+        guest_wait_us: 1234,
+        lifetime_us: 5678,
+        packets_to_guest: 3,
+        packets_from_guest: 4,
+        bytes_to_guest: 100,
+        bytes_from_guest: 200,
+    }
+}
+
 impl ControlHandler for MockHandler {
     fn handle(&self, request: Request) -> Response {
         self.calls.lock().unwrap().push(request.clone());
@@ -65,6 +82,10 @@ impl ControlHandler for MockHandler {
                 precopy: None,
             }),
             Request::Pause | Request::Shutdown => Response::Ok,
+            Request::VsockConnection(r) if r.host_port == MOCK_PORT => {
+                Response::VsockConnection(mock_connection())
+            }
+            Request::VsockConnection(_) => Response::error(ErrorCode::NotFound, "no such port"),
         }
     }
 }
@@ -651,4 +672,20 @@ fn client_times_out() {
         c.request(Request::Status),
         Err(ClientError::TimedOut)
     ));
+}
+
+#[test]
+fn vsock_connection_figures_round_trip() {
+    let h = Harness::start();
+    let mut c = h.client();
+    let ask = |port| Request::VsockConnection(VsockConnectionRequest { host_port: port });
+    assert_eq!(
+        c.request(ask(MOCK_PORT)).unwrap(),
+        Response::VsockConnection(mock_connection())
+    );
+    assert_eq!(
+        error_code(&c.request(ask(MOCK_PORT + 1)).unwrap()),
+        ErrorCode::NotFound
+    );
+    assert_eq!(h.handler.calls(), [ask(MOCK_PORT), ask(MOCK_PORT + 1)]);
 }

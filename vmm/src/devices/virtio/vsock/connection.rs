@@ -19,6 +19,7 @@ use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile};
 
 use super::proto::{SHUTDOWN_RCV, SHUTDOWN_SEND};
+use super::stats::Meter;
 use super::{CONN_BUF_SIZE, MAX_PKT_DATA};
 
 /// What a connection has to tell the guest, as bits of [`Connection::pending`].
@@ -69,6 +70,10 @@ pub(super) struct Connection {
     pub queued: bool,
     /// The events registered with the event loop (empty: not registered).
     pub registered: EventSet,
+    /// Whether a host client asked for it (`CONNECT`), rather than the guest.
+    pub host_initiated: bool,
+    /// Packets, bytes and the time spent waiting on the guest.
+    pub meter: Meter,
     // Host to guest.
     rx_cnt: Wrapping<u32>,
     peer_buf_alloc: u32,
@@ -91,6 +96,8 @@ impl Connection {
             pending,
             queued: false,
             registered,
+            host_initiated: matches!(state, ConnState::LocalInit { .. }),
+            meter: Meter::new(Instant::now()),
             rx_cnt: Wrapping(0),
             peer_buf_alloc: 0,
             peer_fwd_cnt: Wrapping(0),

@@ -104,6 +104,12 @@ impl Vsock {
         self.handler.connection_count()
     }
 
+    /// The figures of the host-initiated connection whose `OK` line named `host_port`, open
+    /// or among the last [`super::CLOSED_KEPT`] closed (`docs/vsock.md`).
+    pub fn connection_stats(&self, host_port: u32) -> Option<super::ConnectionStats> {
+        self.handler.connection_stats(host_port)
+    }
+
     /// The eventfd the event loop watches for activation and reset.
     pub fn activate_event(&self) -> &EventFd {
         self.state.activate_event()

@@ -23,6 +23,7 @@ use vm_memory::{Bytes, VolatileSlice};
 
 use super::connection::{owed, ConnError, ConnState, Connection, Read};
 use super::proto::*;
+use super::stats::{ClosedRing, ConnectionStats};
 use super::unix::{connect_nonblocking, port_path, Handshake, HandshakeStep, Listener};
 use super::{
     CONNECT_TIMEOUT, FIRST_LOCAL_PORT, HOST_CID, MAX_CONNECTIONS, MAX_HANDSHAKES, MAX_PENDING_RST,
@@ -125,6 +126,8 @@ pub(super) struct Handler {
     next_port: u32,
     /// Accepting failed: the listening socket is not watched until then.
     accept_backoff: Option<Instant>,
+    /// The figures of recently closed host-initiated connections.
+    closed: ClosedRing,
 }
 
 impl Handler {
@@ -140,6 +143,7 @@ impl Handler {
             graveyard: Vec::new(),
             next_port: FIRST_LOCAL_PORT,
             accept_backoff: None,
+            closed: ClosedRing::default(),
         }
     }
 
@@ -153,6 +157,17 @@ impl Handler {
 
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// The figures of the host-initiated connection with host port `host_port` (the port of
+    /// its `OK` line): the open one, else the newest of the recently closed ones.
+    pub fn connection_stats(&self, host_port: u32) -> Option<ConnectionStats> {
+        let now = Instant::now();
+        self.conns
+            .iter()
+            .find(|(key, conn)| conn.host_initiated && key.local_port == host_port)
+            .map(|(key, conn)| conn.meter.stats(key.local_port, key.peer_port, now))
+            .or_else(|| self.closed.find(host_port, now))
     }
 
     /// Whether `fd` is a client or connection socket of this handler.
@@ -220,6 +235,11 @@ impl Handler {
             return;
         };
         conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
+        let data_len = match (hdr.op, data) {
+            (OP_RW, Some(data)) => u32::try_from(data.len()).unwrap_or(u32::MAX),
+            _ => 0,
+        };
+        conn.meter.received(Instant::now(), hdr.op, data_len);
         let result = match hdr.op {
             OP_RESPONSE => conn.on_response(key.local_port),
             OP_RW => match data {
@@ -312,9 +332,13 @@ impl Handler {
     /// Ends a connection: its socket closes (after leaving the event loop), and with `rst`
     /// the guest is told.
     fn kill(&mut self, key: ConnKey, rst: bool) {
-        let Some(conn) = self.conns.remove(&key) else {
+        let Some(mut conn) = self.conns.remove(&key) else {
             return;
         };
+        conn.meter.close(Instant::now());
+        if conn.host_initiated {
+            self.closed.push(key.local_port, key.peer_port, conn.meter);
+        }
         self.by_fd.remove(&conn.stream.as_raw_fd());
         if conn.queued {
             self.rx_queue.retain(|k| *k != key);
@@ -570,6 +594,7 @@ impl Handler {
                 None => {}
                 Some(Err(e)) => {
                     debug!("vsock: resetting {}:{}: {e}", key.local_port, key.peer_port);
+                    conn.meter.sent(Instant::now(), OP_RST, 0);
                     self.kill(key, false);
                     hdr.op = OP_RST;
                     hdr.write_to(pkt);
@@ -590,6 +615,7 @@ impl Handler {
             }
         }
         (hdr.buf_alloc, hdr.fwd_cnt) = conn.credit_fields();
+        conn.meter.sent(Instant::now(), hdr.op, hdr.len);
         hdr.write_to(pkt);
         Some(PKT_HEADER_SIZE as u32 + hdr.len)
     }

@@ -10,7 +10,8 @@
 //! sockets, the timer, the pause gate); `handler.rs` turns guest packets into socket I/O and
 //! socket I/O into guest packets over a table of connections, testable without KVM;
 //! `connection.rs` is one connection's state, credit and buffer; `unix.rs` the listening
-//! socket, the CONNECT handshake and the non-blocking connect; `persist.rs` the snapshot state.
+//! socket, the CONNECT handshake and the non-blocking connect; `persist.rs` the snapshot state;
+//! `stats.rs` what each connection cost (packets, bytes, the time spent waiting on the guest).
 //!
 //! Every per-connection buffer and the number of connections are bounded; sockets are
 //! non-blocking and registered with the event loop, which never waits on one.
@@ -19,12 +20,14 @@ mod connection;
 mod device;
 mod handler;
 mod persist;
+mod stats;
 mod unix;
 
 use std::time::Duration;
 
 pub use device::{Vsock, VsockError};
 pub use persist::{VsockRestoreArgs, VsockRestoreError, VsockState};
+pub use stats::{ConnectionStats, CLOSED_KEPT};
 pub use unix::parse_connect;
 
 /// Size of each of the three queues.

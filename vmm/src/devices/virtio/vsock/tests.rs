@@ -1057,3 +1057,65 @@ fn the_event_loop_filter_allows_everything_the_device_does() {
     let device = filtered.join().unwrap();
     drop(device);
 }
+
+#[test]
+fn connection_figures_count_the_guests_time_not_the_hosts() {
+    let dir = TempDir::new("stats");
+    let mem = guest_mem();
+    let mut g = Guest::new(&mem, &dir.sock());
+    g.post_rx(16);
+    let stats = |g: &Guest, port: u32| g.dev.lock().unwrap().connection_stats(port);
+
+    let t_start = Instant::now();
+    let (mut client, req) = host_connect(&mut g, &dir.sock(), 52);
+    let port = req.src_port;
+    let s = stats(&g, port).expect("an open connection has figures");
+    assert_eq!((s.host_port, s.guest_port, s.open), (port, 52, true));
+    assert_eq!(s.guest_wait, Duration::ZERO, "no answer yet");
+    // The guest takes 20 ms to accept.
+    std::thread::sleep(Duration::from_millis(20));
+    g.send(pkt(OP_RESPONSE, 52, port), &[]);
+    let t_response = Instant::now();
+    let ok = format!("OK {port}\n");
+    assert_eq!(read_n(&mut client, ok.len()), ok.as_bytes());
+    // The host takes 40 ms to send its request: not the guest's time.
+    std::thread::sleep(Duration::from_millis(40));
+    let t_write = Instant::now();
+    client.write_all(b"ping").unwrap();
+    g.run();
+    assert_eq!(g.expect(OP_RW).1, b"ping");
+    // The guest answers in two pieces, 15 ms apart, 30 ms in all.
+    std::thread::sleep(Duration::from_millis(15));
+    g.send(pkt(OP_RW, 52, port), b"po");
+    std::thread::sleep(Duration::from_millis(15));
+    g.send(pkt(OP_RW, 52, port), b"ng");
+    let t_end = Instant::now();
+    assert_eq!(read_n(&mut client, 4), b"pong");
+
+    let s = stats(&g, port).unwrap();
+    assert!(s.guest_wait >= Duration::from_millis(50), "{s:?}");
+    let bound = (t_response - t_start) + (t_end - t_write);
+    assert!(s.guest_wait <= bound, "{s:?} beyond {bound:?}");
+    assert_eq!((s.packets_to_guest, s.packets_from_guest), (2, 3), "{s:?}");
+    assert_eq!((s.bytes_to_guest, s.bytes_from_guest), (4, 4));
+    assert!(s.lifetime >= s.guest_wait);
+
+    // The client closes: SHUTDOWN to the guest, whose RST in reply is not an answer; the
+    // figures stay available after the close.
+    drop(client);
+    g.run();
+    g.expect(OP_SHUTDOWN);
+    std::thread::sleep(Duration::from_millis(30));
+    g.send(pkt(OP_RST, 52, port), &[]);
+    assert_eq!(g.connections(), 0);
+    let closed = stats(&g, port).expect("a closed connection's figures are kept");
+    assert!(!closed.open);
+    assert_eq!(closed.guest_wait, s.guest_wait);
+    assert_eq!((closed.packets_to_guest, closed.packets_from_guest), (3, 4));
+
+    // Unknown ports, and guest-initiated connections, have no figures.
+    assert!(stats(&g, port + 1000).is_none());
+    let listener = port_listener(&dir, 8);
+    let _host = g.connect(100, 8, &listener);
+    assert!(stats(&g, 8).is_none());
+}
