@@ -594,7 +594,18 @@ impl<B: Backend> Orchestrator<B> {
             .backend
             .agent_prepare(&row.dir, &prep)
             .await
-            .map_err(|e| agent_api_error(&row.name, e))?;
+            .map_err(|e| {
+                if matches!(e, AgentError::Unavailable(_)) {
+                    // What the guest and its VMM last said is what tells an operator why.
+                    log::warn!(
+                        "environment {}: no answer from its guest agent; the console ends: {:?}; the VMM's log ends: {:?}",
+                        row.name,
+                        crate::supervisor::last_lines(&row.dir.join(CONSOLE), 8),
+                        crate::supervisor::last_lines(&row.dir.join(crate::supervisor::VMM_LOG), 4),
+                    );
+                }
+                agent_api_error(&row.name, e)
+            })?;
         if let Some(failed) = hooks.iter().find(|h| h.exit_code != Some(0)) {
             return Err(ApiError::new(
                 422,
