@@ -94,7 +94,9 @@ static const struct qcfg good_q = {QSIZE, DESC_TABLE, AVAIL_RING, USED_RING};
 static int virtio_setup(u64 base, u32 want_low_features, const struct qcfg *q);
 static int virtio_init(u64 base, u32 want_low_features) { return virtio_setup(base, want_low_features, &good_q); }
 
-static int virtio_setup(u64 base, u32 want_low_features, const struct qcfg *q) {
+/* Resets the device and negotiates VERSION_1 plus what it offers of `want_low_features`,
+ * up to FEATURES_OK. */
+static int virtio_negotiate(u64 base, u32 want_low_features) {
     if (mmio_read(base + R_MAGIC) != 0x74726976 || mmio_read(base + R_VERSION) != 2) return -1;
     mmio_write(base + R_STATUS, 0);
     mmio_write(base + R_STATUS, 1);
@@ -109,6 +111,12 @@ static int virtio_setup(u64 base, u32 want_low_features, const struct qcfg *q) {
     mmio_write(base + R_DRV_FEATURES, low);
     mmio_write(base + R_STATUS, 1 | 2 | 8);
     if (!(mmio_read(base + R_STATUS) & 8)) return -3;
+    return 0;
+}
+
+static int virtio_setup(u64 base, u32 want_low_features, const struct qcfg *q) {
+    int r = virtio_negotiate(base, want_low_features);
+    if (r) return r;
     mmio_write(base + R_QUEUE_SEL, 0);
     if (mmio_read(base + R_QUEUE_NUM_MAX) < QSIZE) return -4;
     /* Fresh rings: a device that was reset starts again at index 0. */
@@ -656,6 +664,422 @@ static void test_hostile(void) {
     puts("hostile-exit\n");
 }
 
+/* --- test=hostile-io: the same for the devices with several queues, virtio-net and
+ * virtio-vsock. Queue q's rings are at MQ_RING(q) (descriptors, then the available and the
+ * used ring a page apart); transmit buffers at IO_TX, the receive buffer at IO_RX, with
+ * canaries around it. Each case prints "hostile NAME used=UUUU nr=N ... canary=C" and then
+ * "recover NAME reset=R ok=1": a well-formed exchange works, after a reset when R=1.
+ * The host side (vmm/tests/kvm_hostile.rs) echoes frames with ethertype 0x88b5 back into the
+ * TAP and echoes bytes on vsock port 5000; nobody listens on vsock port 9. */
+#define MQ_RING(q) (0x500000UL + (u64)(q) * 0x4000UL)
+#define IO_TX 0x520000UL /* up to 0x20000 bytes: the too-long frame */
+#define IO_RX 0x540000UL /* 0x1000 bytes, canaries 64 bytes either side */
+#define IO_RX_LOOP 0x548000UL /* where the looping receive chain points (outside the canaries) */
+#define RX_LEN 0x1000
+static u16 mq_avail[3], mq_seen[3];
+static u64 net_base, vs_base, vs_cid;
+
+static int mq_setup(u64 base, int nq) {
+    int r = virtio_negotiate(base, 0);
+    if (r) return r;
+    for (int q = 0; q < nq; q++) {
+        u64 ring = MQ_RING(q);
+        for (u64 a = ring + 0x1000; a < ring + 0x3000; a += 8) *(volatile u64 *)a = 0;
+        mmio_write(base + R_QUEUE_SEL, (u32)q);
+        if (mmio_read(base + R_QUEUE_NUM_MAX) < QSIZE) return -4;
+        mmio_write(base + R_QUEUE_NUM, QSIZE);
+        mmio_write(base + R_DESC_LO, (u32)ring);
+        mmio_write(base + R_DESC_HI, 0);
+        mmio_write(base + R_DRIVER_LO, (u32)(ring + 0x1000));
+        mmio_write(base + R_DRIVER_HI, 0);
+        mmio_write(base + R_DEVICE_LO, (u32)(ring + 0x2000));
+        mmio_write(base + R_DEVICE_HI, 0);
+        mmio_write(base + R_QUEUE_READY, 1);
+        mq_avail[q] = 0;
+        mq_seen[q] = 0;
+    }
+    mmio_write(base + R_STATUS, 1 | 2 | 8 | 4);
+    return 0;
+}
+static void mq_setd(int q, int i, u64 addr, u32 len, u16 flags, u16 next) {
+    volatile struct desc *d = (volatile struct desc *)MQ_RING(q);
+    d[i].addr = addr; d[i].len = len; d[i].flags = flags; d[i].next = next;
+}
+/* Publishes `head` on queue q, moving the available index by `step`, and notifies. */
+static void mq_give(u64 base, int q, u16 head, u16 step) {
+    volatile u16 *avail = (volatile u16 *)(MQ_RING(q) + 0x1000);
+    avail[2 + (mq_avail[q] % QSIZE)] = head;
+    barrier();
+    mq_avail[q] += step;
+    avail[1] = mq_avail[q];
+    barrier();
+    mmio_write(base + R_QUEUE_NOTIFY, (u32)q);
+}
+/* The next used entry of queue q: its length, -2 when the device asked for a reset instead,
+ * -1 when nothing came. */
+static long mq_wait(u64 base, int q) {
+    volatile u16 *used_idx = (volatile u16 *)(MQ_RING(q) + 0x2002);
+    volatile u32 *used_ring = (volatile u32 *)(MQ_RING(q) + 0x2004);
+    for (u64 spin = 0; *used_idx == mq_seen[q]; spin++) {
+        if ((spin & 255) == 0 && needs_reset(base)) return -2;
+        if (spin > 5000000ULL) return -1;
+    }
+    barrier();
+    u32 len = used_ring[(mq_seen[q] % QSIZE) * 2 + 1];
+    mq_seen[q]++;
+    mmio_write(base + R_INT_ACK, mmio_read(base + R_INT_STATUS));
+    return len;
+}
+/* Posts the good receive buffer (queue 0, descriptor 0) and waits for it. */
+static long mq_recv(u64 base) {
+    mq_setd(0, 0, IO_RX, RX_LEN, F_WRITE, 0);
+    mq_give(base, 0, 0, 1);
+    return mq_wait(base, 0);
+}
+static void io_arm(void) {
+    fill(IO_RX - 64, RX_LEN + 128, CANARY);
+    fill(ram_end - 512, 512, CANARY);
+}
+static int io_canaries_ok(void) { return same(IO_RX - 64, RX_LEN + 128, CANARY) && same(ram_end - 512, 512, CANARY); }
+static void io_report(u64 base, const char *name, long used) {
+    puts("hostile "); puts(name); puts(" used=");
+    if (used >= 0) puthex((u64)used, 4);
+    else puts(used == -2 ? "none" : "timeout");
+    puts(" nr="); puthex(needs_reset(base), 1);
+}
+static void io_report_end(int canary_ok) {
+    puts(" canary="); puts(canary_ok ? "ok" : "BAD"); puts("\n");
+}
+static void io_recover_line(const char *name, int was, int ok) {
+    puts("recover "); puts(name); puts(" reset="); puthex(was, 1); puts(" ok="); puthex(ok, 1); puts("\n");
+}
+
+/* virtio-net: frames of ethertype 0x88b5 whose payload bytes all carry a marker. Case k
+ * sends marker k, its recovery 0x80 | k; the host echoes each frame it gets. */
+#define NET_FRAME 72 /* vnet header 12 + Ethernet header 14 + 46 bytes of payload */
+static void net_frame(u64 at, u8 marker, u32 len) {
+    fill(at, 12, 0);
+    fill(at + 12, 6, 0xff);
+    u8 src[6] = {2, 0, 0, 0, 0, 1};
+    for (int i = 0; i < 6; i++) *(volatile u8 *)(at + 18 + i) = src[i];
+    *(volatile u8 *)(at + 24) = 0x88; *(volatile u8 *)(at + 25) = 0xb5;
+    fill(at + 26, len - 26, marker);
+}
+/* Receives until the echo of `want`; sets *echoed when the echo of `also` came first.
+ * Frames that are not ours (the host's own traffic) are skipped. */
+static int net_recv_echo(u8 want, u8 also, int *echoed) {
+    for (int i = 0; i < 32; i++) {
+        fill(IO_RX, NET_FRAME, 0);
+        long used = mq_recv(net_base);
+        if (used < 0) return 0;
+        volatile u8 *f = (volatile u8 *)IO_RX;
+        if (used < NET_FRAME || f[24] != 0x88 || f[25] != 0xb5) continue;
+        if (f[26] == want) return 1;
+        if (f[26] == also) *echoed = 1;
+    }
+    return 0;
+}
+/* Resets the device if it asked for it, sends a good frame and waits for its echo. */
+static void net_recover(const char *name, u8 k, int *echoed) {
+    int was = needs_reset(net_base);
+    int r = was ? mq_setup(net_base, 2) : 0;
+    net_frame(IO_TX, 0x80 | k, NET_FRAME);
+    mq_setd(1, 0, IO_TX, NET_FRAME, 0, 0);
+    mq_give(net_base, 1, 0, 1);
+    int ok = r == 0 && mq_wait(net_base, 1) == 0 && net_recv_echo(0x80 | k, k, echoed);
+    io_recover_line(name, was, ok);
+}
+/* A transmit case: descriptors 0.. of queue 1 hold the hostile chain; `step` moves the
+ * available index. Prints whether the frame reached the host (its echo came back). */
+static void net_tx_case(const char *name, u8 k, u16 step) {
+    long used;
+    mq_give(net_base, 1, 0, step);
+    used = mq_wait(net_base, 1);
+    int canary = io_canaries_ok();
+    int echoed = 0;
+    /* Recover first: the echo of the hostile frame, if any, arrives before the good one's. */
+    int was = needs_reset(net_base);
+    io_report(net_base, name, used);
+    int r = was ? mq_setup(net_base, 2) : 0;
+    net_frame(IO_TX, 0x80 | k, NET_FRAME);
+    mq_setd(1, 0, IO_TX, NET_FRAME, 0, 0);
+    mq_give(net_base, 1, 0, 1);
+    int ok = r == 0 && mq_wait(net_base, 1) == 0 && net_recv_echo(0x80 | k, k, &echoed);
+    puts(" echo="); puthex(echoed, 1);
+    io_report_end(canary);
+    io_recover_line(name, was, ok);
+}
+/* A receive case: descriptors 0.. of queue 0 hold the hostile buffer; a good frame (marker
+ * k) is sent so that its echo meets that buffer. */
+static void net_rx_case(const char *name, u8 k) {
+    mq_give(net_base, 0, 0, 1);
+    net_frame(IO_TX, k, NET_FRAME);
+    mq_setd(1, 0, IO_TX, NET_FRAME, 0, 0);
+    mq_give(net_base, 1, 0, 1);
+    mq_wait(net_base, 1);
+    long used = mq_wait(net_base, 0);
+    int canary = io_canaries_ok();
+    io_report(net_base, name, used);
+    io_report_end(canary);
+    int echoed = 0;
+    net_recover(name, k, &echoed);
+}
+static void hostile_net(void) {
+    int r = mq_setup(net_base, 2);
+    puts("net-init="); puthex((u64)(r & 0xff), 2); puts("\n");
+    if (r) return;
+    int echoed = 0;
+    net_recover("net-baseline", 0x7f, &echoed);
+    u8 k = 1;
+    /* Transmit chains and buffers. */
+    io_arm(); net_frame(IO_TX, k, NET_FRAME);
+    mq_setd(1, 0, IO_TX, 12, F_NEXT, 1); mq_setd(1, 1, IO_TX + 12, NET_FRAME - 12, F_NEXT, 0);
+    net_tx_case("net-tx-loop", k++, 1);
+    io_arm(); net_frame(IO_TX, k, NET_FRAME);
+    mq_setd(1, 0, IO_TX, 12, F_NEXT, 1); mq_setd(1, 1, IO_TX + 12, NET_FRAME - 12, F_NEXT, 99);
+    net_tx_case("net-tx-next-out-of-range", k++, 1);
+    io_arm(); net_frame(IO_TX, k, NET_FRAME); mq_setd(1, 0, IO_TX, NET_FRAME, 0, 0);
+    net_tx_case("net-tx-avail-index-jump", k++, 100);
+    io_arm(); mq_setd(1, 0, 0x100000000ULL, NET_FRAME, 0, 0);
+    net_tx_case("net-tx-outside-ram", k++, 1);
+    io_arm(); mq_setd(1, 0, ram_end - 36, NET_FRAME, 0, 0);
+    net_tx_case("net-tx-straddles-ram-end", k++, 1);
+    io_arm(); mq_setd(1, 0, 0xffffffffffffffc0ULL, NET_FRAME, 0, 0);
+    net_tx_case("net-tx-wraps", k++, 1);
+    io_arm(); net_frame(IO_TX, k, NET_FRAME); mq_setd(1, 0, IO_TX, 0xffffffe0u, 0, 0);
+    net_tx_case("net-tx-huge-length", k++, 1);
+    io_arm(); net_frame(IO_TX, k, NET_FRAME); mq_setd(1, 0, IO_TX, 0, 0, 0);
+    net_tx_case("net-tx-zero-length", k++, 1);
+    io_arm(); net_frame(IO_TX, k, NET_FRAME); mq_setd(1, 0, IO_TX, 12 + 13, 0, 0);
+    net_tx_case("net-tx-too-short", k++, 1);
+    io_arm(); net_frame(IO_TX, k, 70000); mq_setd(1, 0, IO_TX, 70000, 0, 0);
+    net_tx_case("net-tx-too-long", k++, 1);
+    io_arm(); net_frame(IO_TX, k, NET_FRAME); mq_setd(1, 0, IO_TX, NET_FRAME, F_WRITE, 0);
+    net_tx_case("net-tx-device-writable", k++, 1);
+    /* A vnet header asking for checksum and segmentation offloads nobody negotiated: the
+     * device sends the frame with an empty header instead. */
+    io_arm(); net_frame(IO_TX, k, NET_FRAME);
+    *(volatile u8 *)IO_TX = 1; *(volatile u8 *)(IO_TX + 1) = 4; *(volatile u16 *)(IO_TX + 2) = 0xffff;
+    mq_setd(1, 0, IO_TX, NET_FRAME, 0, 0);
+    net_tx_case("net-tx-offload-header", k++, 1);
+    /* Receive buffers. */
+    io_arm(); mq_setd(0, 0, 0x100000000ULL, RX_LEN, F_WRITE, 0);
+    net_rx_case("net-rx-outside-ram", k++);
+    io_arm(); mq_setd(0, 0, ram_end - 36, RX_LEN, F_WRITE, 0);
+    net_rx_case("net-rx-straddles-ram-end", k++);
+    io_arm(); mq_setd(0, 0, 0xffffffffffffffc0ULL, RX_LEN, F_WRITE, 0);
+    net_rx_case("net-rx-wraps", k++);
+    io_arm(); mq_setd(0, 0, IO_RX, 0xffffffe0u, F_WRITE, 0);
+    net_rx_case("net-rx-huge-length", k++);
+    io_arm(); mq_setd(0, 0, IO_RX, 20, F_WRITE, 0);
+    net_rx_case("net-rx-too-small", k++);
+    io_arm(); mq_setd(0, 0, IO_RX, RX_LEN, 0, 0);
+    net_rx_case("net-rx-readonly", k++);
+    /* A looping receive chain is no ring corruption the device can see before it writes
+     * (virtio-queue ends the walk); it gets the frame in the buffers the loop names. */
+    io_arm(); mq_setd(0, 0, IO_RX_LOOP, 16, F_WRITE | F_NEXT, 1); mq_setd(0, 1, IO_RX_LOOP + 16, 16, F_WRITE | F_NEXT, 0);
+    net_rx_case("net-rx-loop", k++);
+}
+
+/* virtio-vsock: packets to the host (CID 2). Port 9 has no listener, so a connection
+ * request there gets a RST: the probe every case ends with. */
+struct vhdr { u64 src_cid, dst_cid; u32 src_port, dst_port, len; u16 type, op; u32 flags, buf_alloc, fwd_cnt; } __attribute__((packed));
+#define VS_HDR IO_TX
+#define VS_DATA (IO_TX + 0x100)
+#define OP_REQUEST 1
+#define OP_RESPONSE 2
+#define OP_RST 3
+#define OP_RW 5
+#define OP_CREDIT_UPDATE 6
+static void vs_hdr(u32 src_port, u32 dst_port, u16 op, u32 len) {
+    volatile struct vhdr *h = (volatile struct vhdr *)VS_HDR;
+    h->src_cid = vs_cid; h->dst_cid = 2; h->src_port = src_port; h->dst_port = dst_port;
+    h->len = len; h->type = 1; h->op = op; h->flags = 0; h->buf_alloc = 65536; h->fwd_cnt = 0;
+}
+/* Sends the header (and `data_len` bytes at VS_DATA) as a well-formed chain. */
+static long vs_send(u32 data_len) {
+    mq_setd(1, 0, VS_HDR, 44, data_len ? F_NEXT : 0, 1);
+    mq_setd(1, 1, VS_DATA, data_len, 0, 0);
+    mq_give(vs_base, 1, 0, 1);
+    return mq_wait(vs_base, 1);
+}
+/* Receives packets until one for guest port `port` that is not a credit update; returns
+ * its op (0: nothing). Ops of packets for other ports go into *others, a hex digit each. */
+static u16 vs_recv_for(u32 port, u64 *others) {
+    for (int i = 0; i < 16; i++) {
+        long used = mq_recv(vs_base);
+        if (used < 44) return 0;
+        volatile struct vhdr *h = (volatile struct vhdr *)IO_RX;
+        if (h->dst_port == port && h->op != OP_CREDIT_UPDATE) return h->op;
+        if (h->dst_port != port && others) *others = (*others << 4) | (h->op & 0xf);
+    }
+    return 0;
+}
+static u32 vs_probe_port = 4000;
+/* Resets the device if it asked for it, then asks for port 9 and waits for the RST. */
+static void vs_recover(const char *name, u64 *others) {
+    int was = needs_reset(vs_base);
+    int r = was ? mq_setup(vs_base, 3) : 0;
+    u32 port = vs_probe_port++;
+    vs_hdr(port, 9, OP_REQUEST, 0);
+    int ok = r == 0 && vs_send(0) == 0 && vs_recv_for(port, others) == OP_RST;
+    io_recover_line(name, was, ok);
+}
+static void vs_print_others(u64 others) {
+    puts(" rx=");
+    if (!others) puts("-");
+    else puthex(others, 1 + (others > 0xf) + (others > 0xff));
+}
+/* A transmit case: descriptors 0.. of queue 1 hold the hostile chain. Prints the ops of the
+ * packets the device sent back before the probe's RST (rx=3: a RST; rx=-: none). */
+static void vs_tx_case(const char *name, u16 step) {
+    mq_give(vs_base, 1, 0, step);
+    long used = mq_wait(vs_base, 1);
+    int canary = io_canaries_ok();
+    io_report(vs_base, name, used);
+    /* The probe comes after any answer to the hostile packet; a reset forgets both. */
+    u64 others = 0;
+    int was = needs_reset(vs_base);
+    int r = was ? mq_setup(vs_base, 3) : 0;
+    u32 port = vs_probe_port++;
+    vs_hdr(port, 9, OP_REQUEST, 0);
+    int ok = r == 0 && vs_send(0) == 0 && vs_recv_for(port, &others) == OP_RST;
+    vs_print_others(others);
+    io_report_end(canary);
+    io_recover_line(name, was, ok);
+}
+/* A receive case: descriptors 0.. of queue 0 hold the hostile buffer, then a request to
+ * port 9 makes the device owe a RST. */
+static void vs_rx_case(const char *name) {
+    mq_give(vs_base, 0, 0, 1);
+    vs_hdr(3999, 9, OP_REQUEST, 0);
+    vs_send(0);
+    long used = mq_wait(vs_base, 0);
+    int canary = io_canaries_ok();
+    io_report(vs_base, name, used);
+    io_report_end(canary);
+    u64 others = 0;
+    vs_recover(name, &others);
+}
+/* Connects guest port `port` to host port 5000 (where the host echoes): 1 on RESPONSE. */
+static int vs_connect(u32 port) {
+    vs_hdr(port, 5000, OP_REQUEST, 0);
+    return vs_send(0) == 0 && vs_recv_for(port, 0) == OP_RESPONSE;
+}
+/* A hostile packet on a live connection: the header is at VS_HDR, descriptors 0 and 1 of
+ * queue 1 as the case sets them. Prints the op the connection got back (3: reset). */
+static void vs_conn_case(const char *name, u32 port) {
+    mq_give(vs_base, 1, 0, 1);
+    long used = mq_wait(vs_base, 1);
+    int canary = io_canaries_ok();
+    io_report(vs_base, name, used);
+    u16 op = used >= 0 ? vs_recv_for(port, 0) : 0;
+    puts(" conn-op="); puthex(op, 1);
+    io_report_end(canary);
+    u64 others = 0;
+    vs_recover(name, &others);
+}
+static void hostile_vsock(void) {
+    vs_cid = (u64)mmio_read(vs_base + R_CONFIG) | ((u64)mmio_read(vs_base + R_CONFIG + 4) << 32);
+    int r = mq_setup(vs_base, 3);
+    puts("vsock-init="); puthex((u64)(r & 0xff), 2); puts(" cid="); puthex(vs_cid, 2); puts("\n");
+    if (r) return;
+    u64 others = 0;
+    vs_recover("vsock-baseline", &others);
+    /* An echo on a live connection: the host gets the bytes and sends them back. */
+    {
+        volatile u8 *d = (volatile u8 *)VS_DATA;
+        int ok = vs_connect(3000);
+        for (int i = 0; i < 5; i++) d[i] = (u8)"hello"[i];
+        vs_hdr(3000, 5000, OP_RW, 5);
+        ok = ok && vs_send(5) == 0 && vs_recv_for(3000, 0) == OP_RW;
+        volatile u8 *rx = (volatile u8 *)(IO_RX + 44);
+        ok = ok && ((volatile struct vhdr *)IO_RX)->len == 5 && rx[0] == 'h' && rx[4] == 'o';
+        vs_hdr(3000, 5000, OP_RST, 0);
+        ok = ok && vs_send(0) == 0;
+        puts("vsock-echo ok="); puthex(ok, 1); puts("\n");
+    }
+    /* Transmit chains and buffers. */
+    io_arm(); vs_hdr(3100, 9, OP_REQUEST, 0); mq_setd(1, 0, VS_HDR, 44, F_NEXT, 1); mq_setd(1, 1, VS_DATA, 8, F_NEXT, 0);
+    vs_tx_case("vsock-tx-loop", 1);
+    io_arm(); vs_hdr(3101, 9, OP_REQUEST, 0); mq_setd(1, 0, VS_HDR, 44, F_NEXT, 77);
+    vs_tx_case("vsock-tx-next-out-of-range", 1);
+    io_arm(); vs_hdr(3102, 9, OP_REQUEST, 0); mq_setd(1, 0, VS_HDR, 44, 0, 0);
+    vs_tx_case("vsock-tx-avail-index-jump", 100);
+    io_arm(); mq_setd(1, 0, 0x100000000ULL, 44, 0, 0);
+    vs_tx_case("vsock-tx-header-outside-ram", 1);
+    io_arm(); mq_setd(1, 0, ram_end - 20, 44, 0, 0);
+    vs_tx_case("vsock-tx-header-straddles-ram-end", 1);
+    io_arm(); mq_setd(1, 0, 0xfffffffffffffff0ULL, 44, 0, 0);
+    vs_tx_case("vsock-tx-header-wraps", 1);
+    io_arm(); vs_hdr(3103, 9, OP_REQUEST, 0); mq_setd(1, 0, VS_HDR, 40, 0, 0);
+    vs_tx_case("vsock-tx-header-short", 1);
+    io_arm(); vs_hdr(3104, 9, OP_REQUEST, 0); mq_setd(1, 0, VS_HDR, 44, F_WRITE, 0);
+    vs_tx_case("vsock-tx-header-device-writable", 1);
+    io_arm(); vs_hdr(3105, 9, OP_REQUEST, 0); mq_setd(1, 0, VS_HDR, 0, 0, 0);
+    vs_tx_case("vsock-tx-zero-length", 1);
+    /* Headers that parse but make no sense. */
+    io_arm(); vs_hdr(3106, 9, OP_REQUEST, 0); ((volatile struct vhdr *)VS_HDR)->src_cid = 77; mq_setd(1, 0, VS_HDR, 44, 0, 0);
+    vs_tx_case("vsock-tx-spoofed-source-cid", 1);
+    io_arm(); vs_hdr(3107, 9, OP_REQUEST, 0); ((volatile struct vhdr *)VS_HDR)->dst_cid = 77; mq_setd(1, 0, VS_HDR, 44, 0, 0);
+    vs_tx_case("vsock-tx-other-destination-cid", 1);
+    io_arm(); vs_hdr(3108, 5000, OP_REQUEST, 0); ((volatile struct vhdr *)VS_HDR)->type = 9; mq_setd(1, 0, VS_HDR, 44, 0, 0);
+    vs_tx_case("vsock-tx-unknown-type", 1);
+    io_arm(); vs_hdr(3109, 5000, 0x77, 0); mq_setd(1, 0, VS_HDR, 44, 0, 0);
+    vs_tx_case("vsock-tx-unknown-op", 1);
+    io_arm(); vs_hdr(3110, 5000, OP_RW, 8); mq_setd(1, 0, VS_HDR, 44, F_NEXT, 1); mq_setd(1, 1, VS_DATA, 8, 0, 0);
+    vs_tx_case("vsock-tx-data-without-connection", 1);
+    io_arm(); vs_hdr(3111, 9, OP_RW, 16); mq_setd(1, 0, VS_HDR, 44, F_NEXT, 1); mq_setd(1, 1, VS_DATA, 0xffff0000u, 0, 0);
+    vs_tx_case("vsock-tx-huge-length", 1);
+    /* Header and data add up to more than 4 GiB: virtio-queue stops there, like at a loop. */
+    io_arm(); vs_hdr(3112, 9, OP_RW, 16); mq_setd(1, 0, VS_HDR, 44, F_NEXT, 1); mq_setd(1, 1, VS_DATA, 0xffffffe0u, 0, 0);
+    vs_tx_case("vsock-tx-chain-over-4g", 1);
+    /* Bad packets on live connections to port 5000: each resets its connection. */
+    vs_connect(3200);
+    io_arm(); vs_hdr(3200, 5000, OP_RW, 100); mq_setd(1, 0, VS_HDR, 44, F_NEXT, 1); mq_setd(1, 1, VS_DATA, 10, 0, 0);
+    vs_conn_case("vsock-conn-len-exceeds-data", 3200);
+    vs_connect(3201);
+    io_arm(); vs_hdr(3201, 5000, OP_RW, 16); mq_setd(1, 0, VS_HDR, 44, F_NEXT, 1); mq_setd(1, 1, 0x100000000ULL, 16, 0, 0);
+    vs_conn_case("vsock-conn-data-outside-ram", 3201);
+    vs_connect(3202);
+    io_arm(); vs_hdr(3202, 5000, OP_RW, 16); mq_setd(1, 0, VS_HDR, 44, F_NEXT, 1); mq_setd(1, 1, VS_DATA, 16, F_WRITE, 0);
+    vs_conn_case("vsock-conn-data-device-writable", 3202);
+    vs_connect(3203);
+    io_arm(); vs_hdr(3203, 5000, OP_RW, 0x7fffffffu); mq_setd(1, 0, VS_HDR, 44, F_NEXT, 1); mq_setd(1, 1, VS_DATA, 16, 0, 0);
+    vs_conn_case("vsock-conn-len-above-max", 3203);
+    /* Receive buffers: the owed RST meets them. */
+    io_arm(); mq_setd(0, 0, 0x100000000ULL, RX_LEN, F_WRITE, 0);
+    vs_rx_case("vsock-rx-outside-ram");
+    io_arm(); mq_setd(0, 0, ram_end - 20, RX_LEN, F_WRITE, 0);
+    vs_rx_case("vsock-rx-straddles-ram-end");
+    io_arm(); mq_setd(0, 0, 0xfffffffffffffff0ULL, RX_LEN, F_WRITE, 0);
+    vs_rx_case("vsock-rx-wraps");
+    io_arm(); mq_setd(0, 0, IO_RX, 40, F_WRITE, 0);
+    vs_rx_case("vsock-rx-too-small");
+    io_arm(); mq_setd(0, 0, IO_RX, RX_LEN, 0, 0);
+    vs_rx_case("vsock-rx-readonly");
+    io_arm(); mq_setd(0, 0, IO_RX_LOOP, 44, F_WRITE | F_NEXT, 1); mq_setd(0, 1, IO_RX_LOOP + 44, 16, F_WRITE | F_NEXT, 0);
+    vs_rx_case("vsock-rx-loop");
+}
+
+static void test_hostile_io(void) {
+    ram_end = find_ram_end();
+    net_base = find_device(1);
+    vs_base = find_device(19);
+    puts("hostile-io-start ram-end="); puthex(ram_end, 8);
+    puts(" net="); puthex(net_base, 8); puts(" vsock="); puthex(vs_base, 8); puts("\n");
+    if (!net_base || !vs_base || ram_end < 0x1000000) return;
+    /* The host brings the TAP up and starts its echo, then sends a byte. */
+    puts("hostile-io-wait\n");
+    while (!(inb(SERIAL + 5) & 1)) {}
+    (void)inb(SERIAL);
+    hostile_net();
+    hostile_vsock();
+    puts("hostile-done\n");
+    while (!(inb(SERIAL + 5) & 1)) {}
+    puts("hostile-exit\n");
+}
+
 void guest_main(const u8 *zero_page) {
     zero_page_ptr = zero_page;
     const char *cmdline = (const char *)(u64)(*(const u32 *)(zero_page + 0x228));
@@ -673,6 +1097,7 @@ void guest_main(const u8 *zero_page) {
     else if (is_test(t, "cpuid")) test_cpuid();
     else if (is_test(t, "vmgenid")) test_vmgenid();
     else if (is_test(t, "hostile")) test_hostile();
+    else if (is_test(t, "hostile-io")) test_hostile_io();
     else if (is_test(t, "triple-fault")) {
         /* Empty IDT, then a #GP from a non-canonical address: #GP -> #DF -> triple fault.
          * (Not int3: the PVM emulator cannot execute it.) */
