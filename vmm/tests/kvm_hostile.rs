@@ -30,7 +30,7 @@ use vmm::control::client::ControlClient;
 use vmm::control::protocol::{Request, Response, VmRunState};
 
 mod common;
-use common::{require_kvm, test_guest, TempDir};
+use common::{connect_control, require_kvm, test_guest, TempDir};
 
 const VMM: &str = env!("CARGO_BIN_EXE_grove-vmm");
 const MEMORY_MIB: u64 = 32;
@@ -143,20 +143,6 @@ fn wait_for(path: &Path, what: &str, child: &mut Child, timeout: Duration) -> St
     }
 }
 
-fn connect(sock: &Path, child: &mut Child) -> ControlClient {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(c) = ControlClient::connect(sock) {
-            return c;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("grove-vmm ended before serving its socket: {status}");
-        }
-        assert!(Instant::now() < deadline, "no control socket at {sock:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// A running hostile-guest VMM, its console file and when it started.
 struct Run {
     child: Child,
@@ -185,7 +171,7 @@ fn start(tmp: &TempDir, mode: &str, devices: &[&OsStr]) -> Run {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let client = connect(&sock, &mut child);
+    let client = connect_control(&sock, &mut child);
     Run {
         child,
         client,

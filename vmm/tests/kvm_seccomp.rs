@@ -3,15 +3,14 @@
 //! qcow2 disk, vsock, shutdown), `--no-seccomp` turns the filters off, and a forbidden
 //! system call ends the VMM with the documented exit code and one line on standard error.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmm::control::client::ControlClient;
 use vmm::control::protocol::{Request, Response, SnapshotKind, SnapshotMode, SnapshotRequest};
 
 mod common;
-use common::{require_kvm, test_guest, TempDir};
+use common::{connect_control, require_kvm, test_guest, TempDir};
 
 const VMM: &str = env!("CARGO_BIN_EXE_grove-vmm");
 
@@ -46,20 +45,6 @@ fn start_vmm(tmp: &TempDir, extra: &[&str], env: Option<(&str, &str)>) -> (Child
         cmd.env(k, v);
     }
     (cmd.spawn().unwrap(), sock)
-}
-
-fn connect(sock: &Path, child: &mut Child) -> ControlClient {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(c) = ControlClient::connect(sock) {
-            return c;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("grove-vmm ended before serving its socket: {status}");
-        }
-        assert!(Instant::now() < deadline, "no control socket at {sock:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// (thread name, `Seccomp:` value) of every thread of `pid`. A filtered thread carries its
@@ -124,7 +109,7 @@ fn every_thread_of_a_running_vmm_is_filtered_and_works() {
     require_kvm();
     let tmp = TempDir::new("seccomp-all");
     let (mut child, sock) = start_vmm(&tmp, &["--track-dirty-pages"], None);
-    let mut client = connect(&sock, &mut child);
+    let mut client = connect_control(&sock, &mut child);
     let modes = wait_for_modes(child.id(), "2");
     let names: Vec<&str> = modes.iter().map(|(n, _)| n.as_str()).collect();
     for expected in ["grove-vmm", "vcpu0", "event-loop"] {
@@ -206,7 +191,7 @@ fn a_restored_vmm_is_filtered_and_works() {
     require_kvm();
     let tmp = TempDir::new("seccomp-restore");
     let (mut child, sock) = start_vmm(&tmp, &[], None);
-    let mut client = connect(&sock, &mut child);
+    let mut client = connect_control(&sock, &mut child);
     let snap = tmp.join("snap");
     let r = client.request(Request::Snapshot(SnapshotRequest {
         dir: snap.clone(),
@@ -237,7 +222,7 @@ fn a_restored_vmm_is_filtered_and_works() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut client = connect(&clone_sock, &mut clone);
+    let mut client = connect_control(&clone_sock, &mut clone);
     let modes = wait_for_modes(clone.id(), "2");
     assert!(modes.iter().any(|(n, _)| n == "vcpu0"), "{modes:?}");
     for request in [Request::Resume, Request::Status, Request::Shutdown] {
@@ -297,7 +282,7 @@ fn no_seccomp_leaves_every_thread_unfiltered() {
     require_kvm();
     let tmp = TempDir::new("seccomp-off");
     let (mut child, sock) = start_vmm(&tmp, &["--no-seccomp"], None);
-    let mut client = connect(&sock, &mut child);
+    let mut client = connect_control(&sock, &mut child);
     // Give the main thread the moment it would take to filter itself.
     std::thread::sleep(Duration::from_millis(200));
     let modes = thread_modes(child.id());

@@ -64,3 +64,25 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A control client for the `grove-vmm` process `child` serving `sock`: waits up to 30 s
+/// for the socket, and fails at once if the process ends first.
+pub fn connect_control(
+    sock: &Path,
+    child: &mut std::process::Child,
+) -> vmm::control::client::ControlClient {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(c) = vmm::control::client::ControlClient::connect(sock) {
+            return c;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("grove-vmm ended before serving its socket: {status}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no control socket at {sock:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
