@@ -175,7 +175,9 @@ impl Vsock {
     }
 
     /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET into one event buffer, once, if owed: the driver
-    /// then resets its connected sockets (listeners stay) and re-reads the CID.
+    /// then resets its connected sockets (listeners stay) and re-reads the CID. A buffer that
+    /// cannot take the event (outside guest memory, read-only, too small) comes back with
+    /// used length 0 and the event waits for the next one, as receive packets do.
     fn send_reset_event(&mut self) {
         if !self.reset_event_pending {
             return;
@@ -192,51 +194,65 @@ impl Vsock {
             return;
         };
         let mem = &*mem;
-        let chain = match queue.iter(mem) {
-            Ok(mut iter) => iter.next(),
-            Err(e) => {
-                stop_queue(
-                    queue,
-                    interrupt,
-                    format_args!("vsock: unusable event ring ({e})"),
-                );
-                return;
-            }
-        };
-        let Some(chain) = chain else {
-            // No buffer yet: ask for the driver's notification when it adds one (a buffer
-            // added meanwhile is served by the kick of the next wake-up).
-            if let Ok(true) = queue.enable_notification(mem) {
-                if let Err(e) = self.state.queue_events()[EVENT_QUEUE].write(1) {
-                    warn!("vsock: cannot re-signal the event queue: {e}");
-                }
-            }
-            return;
-        };
-        self.reset_event_pending = false;
-        let head = chain.head_index();
         let event = EVENT_TRANSPORT_RESET.to_le_bytes();
-        let writer: Result<MemWriter<'_>, _> = chain.writer(mem);
-        let len = match writer {
-            Ok(mut w) => match w.write_all(&event) {
-                Ok(()) => event.len() as u32,
+        let mut used = false;
+        let mut resignal = false;
+        // At most one queue's worth of buffers per wake-up.
+        for _ in 0..queue.size() {
+            let chain = match queue.iter(mem) {
+                Ok(mut iter) => iter.next(),
                 Err(e) => {
-                    debug!("vsock: event buffer too small: {e}");
+                    stop_queue(
+                        queue,
+                        interrupt,
+                        format_args!("vsock: unusable event ring ({e})"),
+                    );
+                    return;
+                }
+            };
+            let Some(chain) = chain else {
+                // No buffer yet: ask for the driver's notification when it adds one (a
+                // buffer added meanwhile is served by the kick of the next wake-up).
+                resignal = matches!(queue.enable_notification(mem), Ok(true));
+                break;
+            };
+            let head = chain.head_index();
+            let writer: Result<MemWriter<'_>, _> = chain.writer(mem);
+            let len = match writer {
+                Ok(mut w) if w.available_bytes() >= event.len() => match w.write_all(&event) {
+                    Ok(()) => event.len() as u32,
+                    Err(e) => {
+                        debug!("vsock: cannot write the event: {e}");
+                        0
+                    }
+                },
+                Ok(_) => {
+                    debug!("vsock: event buffer {head} too small");
                     0
                 }
-            },
-            Err(e) => {
-                debug!("vsock: event buffer outside guest memory: {e}");
-                0
+                Err(e) => {
+                    debug!("vsock: event buffer {head} outside guest memory: {e}");
+                    0
+                }
+            };
+            if let Err(e) = queue.add_used(mem, head, len) {
+                debug!("vsock: cannot return event buffer {head}: {e}");
+                break;
             }
-        };
-        if let Err(e) = queue.add_used(mem, head, len) {
-            debug!("vsock: cannot return event buffer {head}: {e}");
-            return;
+            used = true;
+            if len != 0 {
+                self.reset_event_pending = false;
+                break;
+            }
         }
-        if queue.needs_notification(mem).unwrap_or(true) {
+        if used && queue.needs_notification(mem).unwrap_or(true) {
             if let Err(e) = interrupt.trigger(INT_VRING) {
                 warn!("vsock: cannot inject the interrupt: {e}");
+            }
+        }
+        if resignal {
+            if let Err(e) = self.state.queue_events()[EVENT_QUEUE].write(1) {
+                warn!("vsock: cannot re-signal the event queue: {e}");
             }
         }
     }

@@ -937,6 +937,39 @@ fn restore_resets_the_transport_once_the_vm_runs_and_listens_again() {
 }
 
 #[test]
+fn event_buffers_that_cannot_take_the_reset_event_come_back_empty_and_it_waits() {
+    let dir = TempDir::new("event-bufs");
+    let state = Vsock::new(&config(&dir.sock())).unwrap().save();
+    let args = VsockRestoreArgs {
+        uds_path_override: Some(dir.0.join("clone.sock")),
+    };
+    let restored = Vsock::restore(args, &state).unwrap();
+    let mem = guest_mem();
+    let mut c = Guest::with_device(&mem, restored);
+    // Outside guest memory, read-only, too small (a loop is no error here: it only yields
+    // a shorter buffer).
+    let small = c.rx_alloc(8);
+    let readonly = c.rx_alloc(8);
+    c.ev.add_chain(&[desc(MEM_SIZE as u64 + 0x1000, 8, true)]);
+    c.ev.add_chain(&[desc(readonly, 8, false)]);
+    c.ev.add_chain(&[desc(small, 3, true)]);
+    c.kick(EVENT_QUEUE);
+    let bad: Vec<u32> = (0..3).map(|i| c.used(EVENT_QUEUE, i).1).collect();
+    assert_eq!(bad, [0, 0, 0]);
+    assert_eq!(c.used_idx(EVENT_QUEUE), 3);
+    c.ev_seen = 3;
+    // The event went to none of them: the next good buffer gets it, once.
+    c.post_event_buffer();
+    c.kick(EVENT_QUEUE);
+    assert_eq!(c.events(), [(EVENT_TRANSPORT_RESET, 4)]);
+    c.post_event_buffer();
+    c.kick(EVENT_QUEUE);
+    assert!(c.events().is_empty(), "only once");
+    assert_eq!(c.mem.read_obj::<u64>(GuestAddress(readonly)).unwrap(), 0);
+    assert!(!c.irq.needs_reset());
+}
+
+#[test]
 fn a_driver_reset_closes_every_connection() {
     let dir = TempDir::new("reset");
     let listener = port_listener(&dir, 3);
