@@ -717,12 +717,22 @@ static void mq_give(u64 base, int q, u16 head, u16 step) {
 }
 /* The next used entry of queue q: its length, -2 when the device asked for a reset instead,
  * -1 when nothing came. */
+static inline u64 rdtsc(void) {
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+/* A timeout in TSC ticks: 5 to 20 seconds at the clock rates of x86 hosts. These waits
+ * involve the host's echo threads, so they are bounded in time, not in spins (which take
+ * seconds under the PVM emulator but milliseconds on bare metal). */
+#define IO_TIMEOUT_TICKS 20000000000ULL
 static long mq_wait(u64 base, int q) {
     volatile u16 *used_idx = (volatile u16 *)(MQ_RING(q) + 0x2002);
     volatile u32 *used_ring = (volatile u32 *)(MQ_RING(q) + 0x2004);
+    u64 start = rdtsc();
     for (u64 spin = 0; *used_idx == mq_seen[q]; spin++) {
         if ((spin & 255) == 0 && needs_reset(base)) return -2;
-        if (spin > 5000000ULL) return -1;
+        if ((spin & 255) == 0 && rdtsc() - start > IO_TIMEOUT_TICKS) return -1;
     }
     barrier();
     u32 len = used_ring[(mq_seen[q] % QSIZE) * 2 + 1];
