@@ -13,6 +13,12 @@ use grove_integration::{
 
 const READY: &str = "GROVE-INIT-READY";
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// A bzImage first decompresses the kernel (gzip) in the guest's kernel mode, which the PVM
+/// host emulates in software: on these machines boot-complete came after 177 s against 24 s
+/// for the vmlinux (the kernel's own part about 21 s in both), and three boots in parallel
+/// on a busy machine took longer than `BOOT_TIMEOUT`. A deadline, not a measurement: on
+/// bare metal decompression takes milliseconds.
+const BZIMAGE_BOOT_TIMEOUT: Duration = Duration::from_secs(2 * BOOT_TIMEOUT.as_secs());
 
 fn boot(args: &[&str]) -> VmProcess {
     require_kvm();
@@ -128,7 +134,7 @@ fn bzimage_boots_and_bench_mode_exits_by_itself() {
         "console=ttyS0 reboot=k panic=1 quiet grove.bench=boot",
     ];
     let mut vm = boot(&args);
-    expect(&mut vm, READY, BOOT_TIMEOUT);
+    expect(&mut vm, READY, BZIMAGE_BOOT_TIMEOUT);
     expect_exit_zero(&mut vm);
     assert!(boot_time_ms(&vm.log()).is_some(), "{}", vm.log());
 }
