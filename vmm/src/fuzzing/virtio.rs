@@ -164,8 +164,10 @@ impl TempFile {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path =
             std::env::temp_dir().join(format!("grove-fuzz-{tag}-{}-{n}", std::process::id()));
-        std::fs::write(&path, contents).ok()?;
-        Some(Self(path))
+        // Owned before the write, so that a failed write (a full disk) leaves no file behind.
+        let file = Self(path);
+        std::fs::write(&file.0, contents).ok()?;
+        Some(file)
     }
 }
 
