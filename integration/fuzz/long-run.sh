@@ -48,10 +48,16 @@ run_one() {
   done
   rc=0; wait "$pid" || rc=$?
   local verdict="finding (exit $rc, see $out/$target.log)"
+  if [ "$rc" -gt 128 ]; then
+    # Killed without libFuzzer's own report (it handles the usual crash signals itself).
+    verdict="finding (killed by signal $((rc - 128)) after ${cpu}s, see $out/$target.log)"
+  fi
   if [ "$rc" -eq 72 ] && [ "$cpu" -ge "$cpu_seconds" ]; then verdict="no finding"; fi
+  # A run that died abruptly has no final statistics: the line is still written.
   local execs edges
-  execs="$(grep -o 'stat::number_of_executed_units: [0-9]*' "$out/$target.log" | tail -n 1 | awk '{print $2}')"
-  edges="$(grep -o 'cov: [0-9]*' "$out/$target.log" | tail -n 1 | awk '{print $2}')"
+  execs="$(grep -o 'stat::number_of_executed_units: [0-9]*' "$out/$target.log" | tail -n 1 | awk '{print $2}')" || true
+  [ -n "$execs" ] || execs="$(grep -ao '^#[0-9]*' "$out/$target.log" | tail -n 1 | tr -d '#')" || true
+  edges="$(grep -ao 'cov: [0-9]*' "$out/$target.log" | tail -n 1 | awk '{print $2}')" || true
   echo "$(date -u +%FT%TZ) $target: cpu ${cpu}s, wall $(( $(date +%s) - start ))s, executions ${execs:-?}, edges ${edges:-?}: $verdict" \
     | tee -a "$out/summary.txt"
 }
