@@ -43,6 +43,15 @@ impl Drop for SocketDir {
 
 /// Guest packets and host socket activity in the order the input says; see the module docs.
 pub fn vsock_packets(data: &[u8]) {
+    // As in the VMM binary, where Rust's runtime ignores SIGPIPE before `main`: the device
+    // writes guest data to host sockets with write(2) (vm-memory's `WriteVolatile`), so a host
+    // end that closed first must give EPIPE, not kill the process. libFuzzer's own `main`
+    // leaves SIGPIPE at its default, which killed a long run silently.
+    static IGNORE_SIGPIPE: std::sync::Once = std::sync::Once::new();
+    IGNORE_SIGPIPE.call_once(|| {
+        // SAFETY: SIG_IGN installs no handler code; only the disposition of SIGPIPE changes.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    });
     let Some(mem) = guest_memory() else { return };
     let Some(dir) = SocketDir::new() else { return };
     let uds_path = dir.0.join("v.sock");
