@@ -789,14 +789,19 @@ static int net_recv_echo(u8 want, u8 also, int *echoed) {
     }
     return 0;
 }
-/* Resets the device if it asked for it, sends a good frame and waits for its echo. */
-static void net_recover(const char *name, u8 k, int *echoed) {
-    int was = needs_reset(net_base);
-    int r = was ? mq_setup(net_base, 2) : 0;
+/* Resets the device if it asked for it (*was), sends a good frame (marker 0x80 | k) and
+ * waits for its echo; the echo of the hostile frame k, if any, arrives first (*echoed). */
+static int net_probe(u8 k, int *was, int *echoed) {
+    *was = needs_reset(net_base);
+    int r = *was ? mq_setup(net_base, 2) : 0;
     net_frame(IO_TX, 0x80 | k, NET_FRAME);
     mq_setd(1, 0, IO_TX, NET_FRAME, 0, 0);
     mq_give(net_base, 1, 0, 1);
-    int ok = r == 0 && mq_wait(net_base, 1) == 0 && net_recv_echo(0x80 | k, k, echoed);
+    return r == 0 && mq_wait(net_base, 1) == 0 && net_recv_echo(0x80 | k, k, echoed);
+}
+static void net_recover(const char *name, u8 k, int *echoed) {
+    int was;
+    int ok = net_probe(k, &was, echoed);
     io_recover_line(name, was, ok);
 }
 /* A transmit case: descriptors 0.. of queue 1 hold the hostile chain; `step` moves the
@@ -806,15 +811,10 @@ static void net_tx_case(const char *name, u8 k, u16 step) {
     mq_give(net_base, 1, 0, step);
     used = mq_wait(net_base, 1);
     int canary = io_canaries_ok();
-    int echoed = 0;
-    /* Recover first: the echo of the hostile frame, if any, arrives before the good one's. */
-    int was = needs_reset(net_base);
+    int echoed = 0, was;
     io_report(net_base, name, used);
-    int r = was ? mq_setup(net_base, 2) : 0;
-    net_frame(IO_TX, 0x80 | k, NET_FRAME);
-    mq_setd(1, 0, IO_TX, NET_FRAME, 0, 0);
-    mq_give(net_base, 1, 0, 1);
-    int ok = r == 0 && mq_wait(net_base, 1) == 0 && net_recv_echo(0x80 | k, k, &echoed);
+    /* Recover first: the echo of the hostile frame, if any, arrives before the good one's. */
+    int ok = net_probe(k, &was, &echoed);
     puts(" echo="); puthex(echoed, 1);
     io_report_end(canary);
     io_recover_line(name, was, ok);
@@ -926,13 +926,18 @@ static u16 vs_recv_for(u32 port, u64 *others) {
     return 0;
 }
 static u32 vs_probe_port = 4000;
-/* Resets the device if it asked for it, then asks for port 9 and waits for the RST. */
-static void vs_recover(const char *name, u64 *others) {
-    int was = needs_reset(vs_base);
-    int r = was ? mq_setup(vs_base, 3) : 0;
+/* Resets the device if it asked for it (*was), then asks for port 9 and waits for the RST;
+ * packets that come first go into *others. */
+static int vs_probe(int *was, u64 *others) {
+    *was = needs_reset(vs_base);
+    int r = *was ? mq_setup(vs_base, 3) : 0;
     u32 port = vs_probe_port++;
     vs_hdr(port, 9, OP_REQUEST, 0);
-    int ok = r == 0 && vs_send(0) == 0 && vs_recv_for(port, others) == OP_RST;
+    return r == 0 && vs_send(0) == 0 && vs_recv_for(port, others) == OP_RST;
+}
+static void vs_recover(const char *name, u64 *others) {
+    int was;
+    int ok = vs_probe(&was, others);
     io_recover_line(name, was, ok);
 }
 static void vs_print_others(u64 others) {
@@ -949,11 +954,8 @@ static void vs_tx_case(const char *name, u16 step) {
     io_report(vs_base, name, used);
     /* The probe comes after any answer to the hostile packet; a reset forgets both. */
     u64 others = 0;
-    int was = needs_reset(vs_base);
-    int r = was ? mq_setup(vs_base, 3) : 0;
-    u32 port = vs_probe_port++;
-    vs_hdr(port, 9, OP_REQUEST, 0);
-    int ok = r == 0 && vs_send(0) == 0 && vs_recv_for(port, &others) == OP_RST;
+    int was;
+    int ok = vs_probe(&was, &others);
     vs_print_others(others);
     io_report_end(canary);
     io_recover_line(name, was, ok);
