@@ -57,8 +57,8 @@ run_one() {
     if [ "$cpu" -ge "$cpu_seconds" ]; then kill -INT "$pid" 2>/dev/null || true; fi
   done
   rc=0; wait "$pid" || rc=$?
-  # An interrupted input leaves its scratch file behind (named after the fuzzer's pid).
-  rm -f "${TMPDIR:-/tmp}"/grove-fuzz-*-"$pid"-*
+  # An interrupted input leaves its scratch file (vsock: directory) behind, named after the pid.
+  rm -rf "${TMPDIR:-/tmp}"/grove-fuzz-*-"$pid"-* || true
   local verdict="finding (exit $rc, see $out/$target.log)"
   if [ "$rc" -gt 128 ]; then
     # Killed without libFuzzer's own report (it handles the usual crash signals itself).
